@@ -1,0 +1,93 @@
+"""Adapter gradients between backward and the optimizer step.
+
+- ``lora_parameters(model)`` lists every adapter parameter with what a gradient reduction needs
+  to know (which layer, which factor, whether it is TP-sharded). Per-objective gradient methods
+  (Pareto LoRA) take their per-modality gradients here, after the data-parallel reduction and
+  before ``optimizer.step``.
+- ``finalize_lora_grads(model)`` does the one TP reduction the layout needs (SUM of the partial
+  gradients of replicated factors under sequence parallelism) for training loops that do not use
+  Megatron's DDP + ``finalize_model_grads``, which already does it from the parameters'
+  ``sequence_parallel`` flag. Do not run both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from megalora.inject import ModelLike, lora_modules
+from megalora.sharding import factor_shardings
+
+
+@dataclass
+class LoRAParam:
+    """One adapter parameter and its place in the model."""
+
+    name: str
+    """Canonical key, e.g. ``decoder.layers.0.self_attention.linear_qkv.lora_A``."""
+    module: str
+    factor: str
+    """``lora_A``, ``lora_B`` or ``lora_router``."""
+    param: torch.nn.Parameter
+    tp_sharded: bool
+    """True: each TP rank holds a different slice (norms/inner products sum over TP).
+    False: replicated over TP (count it once)."""
+    tp_group: Optional[dist.ProcessGroup]
+
+
+def lora_parameters(model: ModelLike) -> List[LoRAParam]:
+    """All adapter parameters of ``model`` with their layout metadata, in module order."""
+    out = []
+    for layer in lora_modules(model):
+        specs = factor_shardings(layer.lora_layout)
+        for factor, param in layer.lora_parameters().items():
+            out.append(LoRAParam(name=f"{layer.lora_name}.{factor}", module=layer.lora_name,
+                                 factor=factor, param=param,
+                                 tp_sharded=specs[factor].dim is not None
+                                 and layer.lora_layout.tp_size > 1,
+                                 tp_group=layer.lora_layout.tp_group))
+    return out
+
+
+def _grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    main = getattr(param, "main_grad", None)
+    return main if main is not None else param.grad
+
+
+def finalize_lora_grads(model: ModelLike) -> int:
+    """SUM over TP the gradients of factors flagged ``sequence_parallel`` (one coalesced
+    all-reduce per TP group). Returns how many gradients were reduced."""
+    by_group = {}
+    for item in lora_parameters(model):
+        grad = _grad_of(item.param)
+        if grad is None or not getattr(item.param, "sequence_parallel", False):
+            continue
+        by_group.setdefault(id(item.tp_group), (item.tp_group, []))[1].append(grad)
+    count = 0
+    for group, grads in by_group.values():
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=group)
+        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)
+        count += len(grads)
+    return count
+
+
+def full_lora_grads(model: ModelLike) -> dict:
+    """Full-size adapter gradients of this stage's layers by canonical key (collective over TP;
+    for tests, logging and per-objective analysis). Missing gradients are skipped."""
+    from megalora.checkpoint import _gather_full
+
+    out = {}
+    for layer in lora_modules(model):
+        specs = factor_shardings(layer.lora_layout)
+        for factor, param in layer.lora_parameters().items():
+            grad = _grad_of(param)
+            if grad is not None:
+                out[f"{layer.lora_name}.{factor}"] = _gather_full(grad, specs[factor],
+                                                                  layer.lora_layout)
+    return out

@@ -1,0 +1,273 @@
+"""Parallel LoRA layers: a mixin that turns a Megatron (or TE) linear into an adapted one.
+
+``apply_lora`` swaps an existing layer's class for ``LoRA<BaseClass>`` (a subclass made of
+``LoRAMixin`` + the base class) and adds the adapter parameters. Swapping the class rather than
+wrapping the module keeps every base parameter at its original name (``...linear_qkv.weight``,
+so base checkpoints load unchanged), keeps ``isinstance`` checks inside Megatron true, and keeps
+the ``(output, bias)`` return contract. Adapter parameters sit beside the base ones:
+``lora_A`` [r, in(/TP)], ``lora_B`` [K, out(/TP), r], ``lora_router`` [K, in(/TP)].
+
+The sharding rule (comm-optimal, see ``megalora.sharding``):
+column base: A replicated, B split on out; row base: A split on in, B replicated. Forward moves
+one rank-r activation per layer (an all-gather or all-reduce for column, a reduce-scatter or
+all-reduce for row) and backward its mirror; nothing of width ``hidden`` crosses ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Dict, Optional
+
+import torch
+
+from megalora import comm, ops
+from megalora.base_layers import BaseLayout
+from megalora.config import ModuleLoRASettings
+from megalora.reference import DropoutSpec, router_weights_ref
+from megalora.runtime import LayerStateTape, LoRARuntime, layer_dropout_seed
+from megalora.sharding import (factor_shardings, global_shapes, set_parallel_attributes, shard)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CLASS_CACHE: Dict[type, type] = {}
+
+
+def _unpack(result, style: str):
+    """Normalise a base forward's return to (out, bias, layernorm_out)."""
+    if style == "te_ln":
+        if isinstance(result, tuple) and len(result) == 3:  # TE with return_bias
+            return result
+        (out, ln_out), bias = result
+        return out, bias, ln_out
+    out, bias = result
+    return out, bias, None
+
+
+def _repack(out, bias, ln_out, style: str, want_ln: bool, three_tuple: bool):
+    if style == "te_ln" and want_ln:
+        return (out, bias, ln_out) if three_tuple else ((out, ln_out), bias)
+    return out, bias
+
+
+class LoRAMixin:
+    """Adapter maths around a base linear's forward. Built by ``apply_lora``, not directly."""
+
+    _lora_ready = False
+
+    # ------------------------------------------------------------------ setup
+    def lora_setup(self, *, name: str, settings: ModuleLoRASettings, layout: BaseLayout,
+                   runtime: LoRARuntime, seed: int, init_a: str, init_b: str,
+                   dtype: Optional[str], backend: str) -> None:
+        """Create, shard and initialise the adapter parameters of this layer."""
+        self.lora_name = name
+        self.lora_settings = settings
+        self.lora_layout = layout
+        self.lora_backend = backend
+        self.lora_merged_head: Optional[int] = None
+        self.lora_enabled = True
+        self._lora_runtime = runtime
+        self._lora_tape = LayerStateTape()
+        self._lora_name_hash = zlib.crc32(name.encode())
+        pdtype = _DTYPES[dtype] if dtype else self.weight.dtype
+        device = self.weight.device
+        shardings = factor_shardings(layout)
+        full = self._lora_full_init(seed, init_a, init_b)
+        for factor, tensor in full.items():
+            local = shard(tensor, shardings[factor], layout.tp_rank, layout.tp_size)
+            param = torch.nn.Parameter(local.to(device=device, dtype=pdtype))
+            set_parallel_attributes(param, shardings[factor], layout)
+            self.register_parameter(factor, param)
+        if settings.routing != "router":
+            self.lora_router = None
+        if layout.style == "te_ln":
+            # TE returns the (local, not gathered) LayerNorm output for the adapter to read.
+            self._lora_user_wants_ln = bool(getattr(self, "return_layernorm_output", False))
+            self.return_layernorm_output = True
+            self.return_layernorm_output_gathered = False
+        self._lora_ready = True
+
+    def _lora_full_init(self, seed: int, init_a: str, init_b: str) -> Dict[str, torch.Tensor]:
+        """Full-size factors from a generator keyed by (seed, layer name, factor): TP-invariant."""
+        s = self.lora_settings
+        shapes = global_shapes(self.lora_layout, s.rank, s.num_heads)
+
+        def gen(factor):
+            g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{self.lora_name}:{factor}".encode()))
+            return g
+
+        def kaiming(shape, factor):  # nn.Linear's default: kaiming_uniform(a=sqrt(5))
+            bound = 1.0 / math.sqrt(shape[-1])
+            return torch.empty(shape).uniform_(-bound, bound, generator=gen(factor))
+
+        def gaussian(shape, factor):
+            return torch.empty(shape).normal_(0.0, 1.0 / s.rank, generator=gen(factor))
+
+        out = {"lora_A": kaiming(shapes["lora_A"], "A") if init_a == "kaiming"
+               else gaussian(shapes["lora_A"], "A"),
+               "lora_B": torch.zeros(shapes["lora_B"]) if init_b == "zeros"
+               else gaussian(shapes["lora_B"], "B")}
+        if s.routing == "router":
+            out["lora_router"] = kaiming(shapes["lora_router"], "router")
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_, *args, **kwargs):
+        if not self._lora_ready:
+            raise RuntimeError(f"{type(self).__name__} was built from a LoRA spec but its adapter "
+                               "is not initialised: call megalora.apply_lora(model, config) after "
+                               "building the model")
+        style = self.lora_layout.style
+        result = super().forward(input_, *args, **kwargs)
+        out, bias, ln_out = _unpack(result, style)
+        three = isinstance(result, tuple) and len(result) == 3
+        want_ln = getattr(self, "_lora_user_wants_ln", False)
+        if self.lora_merged_head is None and self.lora_enabled:
+            gather = kwargs.get("runtime_gather_output", args[1] if len(args) > 1 else None)
+            x = ln_out if style == "te_ln" else input_
+            out = out + self._lora_delta(x, gather).to(out.dtype)
+        return _repack(out, bias, ln_out, style, want_ln, three)
+
+    def _lora_delta(self, x: torch.Tensor, runtime_gather_output=None) -> torch.Tensor:
+        """The adapter's contribution, shaped like this rank's base output."""
+        lay, s = self.lora_layout, self.lora_settings
+        head_ids, count = self._lora_tape.resolve(self._lora_runtime.state())
+        x2 = x.reshape(-1, x.shape[-1])
+        if lay.kind == "row" and not lay.input_is_parallel:
+            x2 = comm.scatter_last_dim(x2, lay.tp_group)
+        t_local = x2.shape[0]
+        sp_in = lay.sequence_parallel and lay.kind in ("column", "duplicated")
+        t_full = t_local * lay.tp_size if sp_in else t_local
+        if head_ids is not None:
+            head_ids = self._check_head_ids(head_ids, t_full, x.device)
+        elif s.routing == "modality":
+            raise RuntimeError(f"{self.lora_name}: routing='modality' needs per-token head ids; "
+                               "call megalora.set_head_ids(model, ids) before the forward")
+        tok_off = lay.tp_rank * t_local if sp_in else 0
+        feat_off = lay.tp_rank * x2.shape[1] if lay.kind == "row" else 0
+        ids_in = head_ids[tok_off:tok_off + t_local] if head_ids is not None else None
+        drop = self._dropout_spec(count, tok_off, feat_off)
+
+        z = ops.lora_shrink(x2, self.lora_A, drop, ids_in if s.routing == "modality" else None,
+                            self.lora_backend)
+        if self.lora_router is not None:
+            z = torch.cat([z, x2.to(self.lora_router.dtype) @ self.lora_router.t()], dim=-1)
+        z = self._lora_exchange(z)
+        logits = z[:, s.rank:] if self.lora_router is not None else None
+        z = z[:, :s.rank]
+        ids_out = None
+        if s.routing == "modality":
+            ids_out = head_ids
+            if lay.kind != "column" and lay.sequence_parallel:  # row/dup output is a seq shard
+                n = z.shape[0]
+                ids_out = head_ids[lay.tp_rank * n:(lay.tp_rank + 1) * n]
+        weights = router_weights_ref(logits, s.router_top_k) if logits is not None else None
+        y = ops.lora_expand(z, self.lora_B, s.scale, ids_out, weights, self.lora_backend)
+        gather = lay.gather_output if runtime_gather_output is None else runtime_gather_output
+        if lay.kind == "column" and gather:
+            y = comm.gather_last_dim(y, lay.tp_group)
+        rows = x.shape[0] * (lay.tp_size if sp_in and lay.kind == "column" else 1)
+        if lay.kind == "row" and lay.sequence_parallel:
+            rows = x.shape[0] // lay.tp_size
+        return y.reshape((rows,) + tuple(x.shape[1:-1]) + (y.shape[-1],))
+
+    def _lora_exchange(self, z: torch.Tensor) -> torch.Tensor:
+        """The one TP collective of the adapter (rank-r activations only)."""
+        lay = self.lora_layout
+        if lay.kind == "column":
+            return (comm.gather_seq(z, lay.tp_group) if lay.sequence_parallel
+                    else comm.copy_to_tp(z, lay.tp_group))
+        if lay.kind == "row":
+            return (comm.reduce_scatter_seq(z, lay.tp_group) if lay.sequence_parallel
+                    else comm.reduce_from_tp(z, lay.tp_group))
+        return z
+
+    def _check_head_ids(self, head_ids, t_full: int, device) -> torch.Tensor:
+        if head_ids.numel() != t_full:
+            raise ValueError(f"{self.lora_name}: head ids cover {head_ids.numel()} tokens but this "
+                             f"layer sees {t_full} (sequence x batch); set_head_ids expects "
+                             "[batch, seq] for the same batch as the model input")
+        return head_ids.to(device, non_blocking=True)
+
+    def _dropout_spec(self, count: int, tok_off: int, feat_off: int) -> Optional[DropoutSpec]:
+        probs = self.lora_settings.dropout
+        if not self.training or not any(p > 0 for p in probs):
+            return None
+        seed = layer_dropout_seed(self._lora_runtime.seed, self._lora_name_hash, count)
+        return DropoutSpec(probs=probs, seed=seed, token_offset=tok_off, feature_offset=feat_off)
+
+    # ------------------------------------------------------------------ merge
+    def lora_delta_weight(self, head: int = 0) -> torch.Tensor:
+        """scale * B[head] @ A for this rank's shard, shaped like the local base weight (fp32).
+
+        Local in both layouts: column (out/TP, r) @ (r, in); row (out, r) @ (r, in/TP).
+        """
+        b = self.lora_B[head].float()
+        return self.lora_settings.scale * (b @ self.lora_A.float())
+
+    @torch.no_grad()
+    def lora_merge(self, head: Optional[int] = None) -> None:
+        """Fold one B head into the base weight (no communication)."""
+        s = self.lora_settings
+        if s.routing == "router":
+            raise ValueError(f"{self.lora_name}: router-routed heads mix per token and cannot be "
+                             "merged into one weight")
+        if head is None:
+            if s.num_heads != 1:
+                raise ValueError(f"{self.lora_name}: {s.num_heads} B heads; pass head=k to choose "
+                                 "which one to merge (it then applies to every token)")
+            head = 0
+        if not 0 <= head < s.num_heads:
+            raise ValueError(f"{self.lora_name}: head {head} out of range [0, {s.num_heads})")
+        if self.lora_merged_head is not None:
+            raise RuntimeError(f"{self.lora_name}: already merged (head {self.lora_merged_head})")
+        w = self.weight
+        w.copy_((w.float() + self.lora_delta_weight(head)).to(w.dtype))
+        self.lora_merged_head = head
+
+    @torch.no_grad()
+    def lora_unmerge(self) -> None:
+        """Subtract the merged head again (exact up to one rounding of the base dtype)."""
+        if self.lora_merged_head is None:
+            return
+        w = self.weight
+        w.copy_((w.float() - self.lora_delta_weight(self.lora_merged_head)).to(w.dtype))
+        self.lora_merged_head = None
+
+    # ------------------------------------------------------------------ checkpoint
+    def lora_parameters(self) -> Dict[str, torch.nn.Parameter]:
+        """The adapter parameters of this layer by factor name."""
+        names = ("lora_A", "lora_B", "lora_router")
+        return {n: getattr(self, n) for n in names if getattr(self, n, None) is not None}
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The base layer's sharded state plus the adapter factors with their own TP split."""
+        from megalora.dist_ckpt import adapter_sharded_state_dict
+
+        base = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        return adapter_sharded_state_dict(self, base, prefix, sharded_offsets, metadata)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        if not self._lora_ready:
+            return base + " [LoRA: not initialised]"
+        s = self.lora_settings
+        return (f"{base} [LoRA {self.lora_layout.kind}: r={s.rank}, scale={s.scale:g}, "
+                f"heads={s.num_heads}, routing={s.routing}]")
+
+
+def lora_class_for(base_cls: type) -> type:
+    """``LoRA<base_cls>``: the class an adapted layer is swapped to (cached)."""
+    if issubclass(base_cls, LoRAMixin):
+        return base_cls
+    if base_cls not in _CLASS_CACHE:
+        cls = type(f"LoRA{base_cls.__name__}", (LoRAMixin, base_cls), {"__module__": __name__})
+        _CLASS_CACHE[base_cls] = cls
+    return _CLASS_CACHE[base_cls]
+
+
+def base_class_of(module: torch.nn.Module) -> type:
+    """The original class of an adapted layer."""
+    for cls in type(module).__mro__[1:]:
+        if not issubclass(cls, LoRAMixin):
+            return cls
+    raise TypeError(f"{type(module).__name__} is not an adapted layer")

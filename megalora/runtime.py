@@ -1,0 +1,123 @@
+"""Per-batch state the adapted layers read: per-token head ids and the dropout counter.
+
+Megatron's forward passes hidden states only, so routing information reaches the linears through
+one ``LoRARuntime`` per model chunk, shared by that chunk's adapted layers:
+
+    megalora.set_head_ids(model, modality_ids)   # [batch, seq] ints, before model(...)
+
+Recompute-safe: under Megatron's activation recompute a layer's forward runs again during
+backward, after later microbatches have changed the runtime. Each layer therefore remembers the
+state it used in the first (no-grad) checkpointed pass, first in first out, and replays it in the
+recompute pass; backward visits microbatches in forward order in every Megatron schedule.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Iterable, List, Optional, Tuple, Union
+
+import torch
+
+from megalora.reference import fmix32_int
+
+try:  # megatron-core's recompute flag (set inside CheckpointFunction forward and backward)
+    from megatron.core.tensor_parallel.random import is_checkpointing as _mcore_is_checkpointing
+except Exception:  # pragma: no cover - older/newer layouts
+    def _mcore_is_checkpointing() -> bool:
+        return False
+
+State = Tuple[Optional[torch.Tensor], int]
+
+
+class LoRARuntime:
+    """Routing and dropout state for one model chunk."""
+
+    def __init__(self, seed: int, num_heads: int, routing: str):
+        self.seed = int(seed)
+        self.num_heads = num_heads
+        self.routing = routing
+        self.head_ids: Optional[torch.Tensor] = None
+        """[s * b] int64, sequence-major (Megatron's [s, b] order), or None."""
+        self.forward_count = 0
+        """Training-mode forwards of the chunk so far: each one gets fresh dropout masks."""
+
+    def on_chunk_forward(self, module, args) -> None:
+        """Forward pre-hook on the chunk root: one tick per training forward."""
+        if module.training:
+            self.forward_count += 1
+
+    def state(self) -> State:
+        return self.head_ids, self.forward_count
+
+    def set_head_ids(self, head_ids: Optional[torch.Tensor]) -> None:
+        if head_ids is None:
+            self.head_ids = None
+            return
+        if self.routing != "modality":
+            raise ValueError(f"set_head_ids: these adapters use routing={self.routing!r}; per-token "
+                             "head ids are only read with routing='modality' (LoRAConfig.routing)")
+        if head_ids.dim() != 2:
+            raise ValueError(f"head ids must be [batch, seq] like the token ids, got shape "
+                             f"{tuple(head_ids.shape)}")
+        if head_ids.dtype.is_floating_point or head_ids.dtype == torch.bool:
+            raise ValueError(f"head ids must be an integer tensor, got {head_ids.dtype}")
+        if head_ids.device.type == "cpu" and head_ids.numel():  # free to check on the host
+            lo, hi = int(head_ids.min()), int(head_ids.max())
+            if lo < -1 or hi >= self.num_heads:
+                raise ValueError(f"head ids must be in [-1, {self.num_heads - 1}] (num_heads="
+                                 f"{self.num_heads}; -1 = no adapter), got values in [{lo}, {hi}]")
+        self.head_ids = head_ids.t().reshape(-1).to(torch.int64)
+
+
+class LayerStateTape:
+    """Remembers the runtime state of a layer's checkpointed forwards for their recompute."""
+
+    def __init__(self):
+        self._tape = collections.deque()
+
+    def resolve(self, current: State) -> State:
+        if not _mcore_is_checkpointing():
+            return current
+        if torch.is_grad_enabled():  # recompute pass inside backward
+            return self._tape.popleft() if self._tape else current
+        self._tape.append(current)  # first pass inside CheckpointFunction.forward (no grad)
+        return current
+
+    def clear(self) -> None:
+        self._tape.clear()
+
+
+def layer_dropout_seed(runtime_seed: int, name_hash: int, forward_count: int) -> int:
+    """Per-layer, per-forward dropout seed; the same at any TP/PP layout."""
+    return fmix32_int(fmix32_int(runtime_seed ^ name_hash) ^ fmix32_int(forward_count + 1))
+
+
+def _chunks(model) -> List[torch.nn.Module]:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def runtimes(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]) -> List[LoRARuntime]:
+    """The distinct runtimes of a model (or list of chunks), in module order."""
+    found: List[LoRARuntime] = []
+    for chunk in _chunks(model):
+        for module in chunk.modules():
+            rt = getattr(module, "_lora_runtime", None)
+            if rt is not None and all(rt is not r for r in found):
+                found.append(rt)
+    return found
+
+
+def set_head_ids(model, head_ids: Optional[torch.Tensor]) -> None:
+    """Give the adapted layers of ``model`` the per-token B-head ids of the next forward.
+
+    ``head_ids``: [batch, seq] integers like the token ids (modality: text=0, image=1, ...;
+    -1 = no adapter for that token), or None to clear. Call it in the forward-step function,
+    for the chunk being run, before ``model(...)``. Values are range-checked when the tensor is
+    on the CPU (on GPU that would cost a host sync each microbatch).
+    """
+    found = runtimes(model)
+    if not found:
+        raise ValueError("set_head_ids: the model has no LoRA layers; call megalora.apply_lora "
+                         "first")
+    for rt in found:
+        rt.set_head_ids(head_ids)

@@ -1,0 +1,37 @@
+"""Shared fixtures: an in-process world-1 gloo group with megatron's parallel state (TP=PP=1).
+
+Multi-rank tests spawn their own gloo worlds with ``megalora.testing.dist.run_distributed``.
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+
+@pytest.fixture(scope="session")
+def megatron_world1():
+    """torch.distributed (gloo, world 1) + megatron parallel_state, inside cpu_megatron()."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megalora.testing.cpu import cpu_megatron
+    from megalora.testing.dist import free_port
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    ps.initialize_model_parallel()
+    with cpu_megatron():
+        yield
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    return torch.Generator().manual_seed(0)
