@@ -64,7 +64,11 @@ def _ensure_registered() -> None:
         return
     _te_checked = True
     try:
+        import transformer_engine  # noqa: F401  (megatron's wrapper imports even without it)
         from megatron.core.extensions import transformer_engine as te_ext
+
+        if not getattr(te_ext, "HAVE_TE", True):
+            raise ImportError("megatron.core.extensions.transformer_engine has HAVE_TE=False")
     except Exception as exc:  # ImportError, or TE present but broken
         logger.info("megalora: transformer-engine not importable (%s): TE linear support skipped; "
                     "Megatron-core's own Column/RowParallelLinear are supported", exc)

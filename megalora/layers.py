@@ -196,13 +196,18 @@ class LoRAMixin:
         return DropoutSpec(probs=probs, seed=seed, token_offset=tok_off, feature_offset=feat_off)
 
     # ------------------------------------------------------------------ merge
+    def _merge_dtype(self) -> torch.dtype:
+        # at least fp32 (bf16 deltas would round away), fp64 for fp64 models
+        return torch.promote_types(torch.promote_types(self.weight.dtype, self.lora_A.dtype),
+                                   torch.float32)
+
     def lora_delta_weight(self, head: int = 0) -> torch.Tensor:
-        """scale * B[head] @ A for this rank's shard, shaped like the local base weight (fp32).
+        """scale * B[head] @ A for this rank's shard, shaped like the local base weight.
 
         Local in both layouts: column (out/TP, r) @ (r, in); row (out, r) @ (r, in/TP).
         """
-        b = self.lora_B[head].float()
-        return self.lora_settings.scale * (b @ self.lora_A.float())
+        dtype = self._merge_dtype()
+        return self.lora_settings.scale * (self.lora_B[head].to(dtype) @ self.lora_A.to(dtype))
 
     @torch.no_grad()
     def lora_merge(self, head: Optional[int] = None) -> None:
@@ -221,7 +226,7 @@ class LoRAMixin:
         if self.lora_merged_head is not None:
             raise RuntimeError(f"{self.lora_name}: already merged (head {self.lora_merged_head})")
         w = self.weight
-        w.copy_((w.float() + self.lora_delta_weight(head)).to(w.dtype))
+        w.copy_((w.to(self._merge_dtype()) + self.lora_delta_weight(head)).to(w.dtype))
         self.lora_merged_head = head
 
     @torch.no_grad()
@@ -230,7 +235,8 @@ class LoRAMixin:
         if self.lora_merged_head is None:
             return
         w = self.weight
-        w.copy_((w.float() - self.lora_delta_weight(self.lora_merged_head)).to(w.dtype))
+        delta = self.lora_delta_weight(self.lora_merged_head)
+        w.copy_((w.to(self._merge_dtype()) - delta).to(w.dtype))
         self.lora_merged_head = None
 
     # ------------------------------------------------------------------ checkpoint

@@ -31,15 +31,22 @@ def batches(n_micro=4, b=2, s=16, vocab=128, seed=0):
     return out
 
 
-def lora_step(tp, pp, sp, variant, recompute=False, finalize=True):
-    """Build, adapt, one forward/backward/SGD step. Returns loss, full grads, full adapter."""
+def lora_step(tp, pp, sp, variant, recompute=False, finalize=True, tape=True):
+    """Build, adapt, one forward/backward/SGD step. Returns loss, full grads, full adapter.
+
+    ``tape=False`` switches off the layers' recompute state tape (a sensitivity check)."""
     import megalora
     from megalora.grads import full_lora_grads
     from megalora.testing.tiny_gpt import (TinyGPTShape, broadcast_last_stage, build_tiny_gpt,
                                            forward_backward, mean_loss, tiny_gpt_config)
     from megatron.core import parallel_state as ps
 
+    from megalora.runtime import LayerStateTape
+
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    resolve = LayerStateTape.resolve
+    if not tape:
+        LayerStateTape.resolve = lambda self, current: current
     try:
         shape = TinyGPTShape()
         cfg = tiny_gpt_config(shape, tp, pp, sp, dtype=torch.float64, recompute=recompute)
@@ -63,6 +70,7 @@ def lora_step(tp, pp, sp, variant, recompute=False, finalize=True):
                 "partial": partial, "adapter": megalora.adapter_state(model),
                 "replicated": replicated}
     finally:
+        LayerStateTape.resolve = resolve
         ps.destroy_model_parallel()
 
 

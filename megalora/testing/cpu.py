@@ -24,7 +24,9 @@ Three more, needed only by features those four do not reach:
 6. activation recompute: ``random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` (called by
    ``CheckpointFunction``) read and write the CUDA generator: a placeholder state / no-op.
 7. grad-norm: ``megatron/core/optimizer/clip_grads.py`` builds its accumulators with
-   ``device='cuda'``: the module sees a ``torch`` whose ``zeros``/``tensor`` ignore ``device``.
+   ``device='cuda'`` and, without apex/TE, its l2-norm is ``megatron/core/utils.py``
+   ``local_multi_tensor_l2_norm``, which returns ``torch.tensor(..., device="cuda")``: the module
+   sees a ``torch`` whose allocations ignore ``device`` and the same l2-norm on the CPU.
 
 Local GPT specs also need an SP-capable norm without apex: ``cpu_gpt_block_spec`` supplies one.
 """
@@ -60,6 +62,13 @@ class _DeviceAgnosticTorch(types.ModuleType):
         return attr
 
 
+def _cpu_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """``local_multi_tensor_l2_norm`` with its result left on the CPU."""
+    norms = [torch.norm(t.float()) for t in tensor_lists[0]]
+    total = torch.norm(torch.stack(norms)) if norms else torch.zeros(())
+    return total.reshape(1), None
+
+
 def _patches() -> List[Tuple[object, str, object]]:
     utils = importlib.import_module("megatron.core.utils")
     random = importlib.import_module("megatron.core.tensor_parallel.random")
@@ -83,6 +92,7 @@ def _patches() -> List[Tuple[object, str, object]]:
         (random, "_get_cuda_rng_state", lambda *a, **k: torch.zeros(1)),            # 6
         (random, "_set_cuda_rng_state", lambda *a, **k: None),                      # 6
         (clip, "torch", _DeviceAgnosticTorch()),                                    # 7
+        (clip, "l2_norm_impl", _cpu_l2_norm),                                       # 7
     ]
 
 
