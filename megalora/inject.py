@@ -188,6 +188,11 @@ def _adapt(module, canonical: str, config: LoRAConfig, runtime: LoRARuntime) -> 
         raise ValueError(f"{canonical} already has a LoRA adapter (apply_lora called twice?)")
     layout = base_layers.detect(module)
     settings = config.settings_for(canonical)
+    if settings.routing == "modality" and getattr(getattr(module, "config", None),
+                                                  "context_parallel_size", 1) > 1:
+        raise ValueError(f"{canonical}: routing='modality' with context parallelism is not "
+                         "supported yet (head ids follow the un-split sequence); use "
+                         "context_parallel_size=1 or routing='single'/'router'")
     _check_divisible(canonical, layout)
     module.__class__ = lora_class_for(type(module))
     module.lora_setup(name=canonical, settings=settings, layout=layout, runtime=runtime,

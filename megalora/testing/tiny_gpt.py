@@ -35,6 +35,8 @@ class TinyGPTShape:
     vocab_size: int = 128
     seq_length: int = 16
     swiglu: bool = False
+    init_std: float = 0.02
+    """Std of the (random, frozen) base weights; biases get half of it."""
 
 
 def tiny_gpt_config(shape: TinyGPTShape, tp: int = 1, pp: int = 1, sp: bool = False,
@@ -68,12 +70,12 @@ def build_tiny_gpt(shape: TinyGPTShape, config, seed: int = 0):
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=False,
         position_embedding_type="learned_absolute")  # rope caches on torch.cuda.current_device()
-    init_base_deterministic(model, seed)
+    init_base_deterministic(model, seed, shape.init_std)
     return model
 
 
 @torch.no_grad()
-def init_base_deterministic(model: torch.nn.Module, seed: int) -> None:
+def init_base_deterministic(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
     """Draw each parameter at full size from a generator keyed by its canonical name, then keep
     this rank's TP slice (Megatron's partition dim and stride). Norm weights stay at 1."""
     from megatron.core import parallel_state as ps
@@ -93,8 +95,8 @@ def init_base_deterministic(model: torch.nn.Module, seed: int) -> None:
             full_shape[dim] *= tp
         key = f"{seed}:{names[module_path]}.{leaf}"
         gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-        std = 0.02 if leaf == "weight" else 0.01
-        full = torch.randn(full_shape, generator=gen, dtype=torch.float64) * std
+        scale = std if leaf == "weight" else std / 2
+        full = torch.randn(full_shape, generator=gen, dtype=torch.float64) * scale
         param.copy_(shard(full, spec, rank, tp).to(param.dtype))
 
 

@@ -1,0 +1,27 @@
+# Fresh machine: `make demo` (set up + main job) and `make test` (set up + tests).
+# Everything installs into $(VENV) from requirements/ci.txt (torch pinned to the CPU build).
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.megalora-installed
+NPROC ?= 2
+CONFIG ?= launch/configs/gpt_tiny.yaml
+
+.PHONY: setup demo test clean
+
+$(STAMP): requirements/ci.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements/ci.txt
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m megalora.demo --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
