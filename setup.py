@@ -21,5 +21,4 @@ setup(
         "pyyaml>=6",
     ],
     extras_require={"test": ["pytest>=8"]},
-    entry_points={"console_scripts": ["megalora=megalora.cli:main"]},
 )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -160,6 +161,12 @@ def run(cfg: DemoConfig, before_optimizer_step: Optional[List[Callable]] = None)
 
     _init_distributed(cfg)
     rank0 = dist.get_rank() == 0
+    if rank0:  # megalora's one-line notices (kernel path, TE availability) on rank 0
+        logging.getLogger("megalora").setLevel(logging.INFO)
+        if not logging.getLogger("megalora").handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logging.getLogger("megalora").addHandler(handler)
     harness = cpu_megatron() if cfg.train.device == "cpu" else contextlib.nullcontext()
     with harness:
         shape = TinyGPTShape(**cfg.model)

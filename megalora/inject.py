@@ -305,6 +305,8 @@ def remove_lora(model: ModelLike) -> int:
         for name in ("lora_A", "lora_B", "lora_router"):
             if name in layer._parameters:
                 del layer._parameters[name]
+        if layer.lora_layout.style == "te_ln":
+            layer.return_layernorm_output = layer._lora_user_wants_ln
         layer.__class__ = base_class_of(layer)
     return len(layers)
 

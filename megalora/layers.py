@@ -186,7 +186,7 @@ class LoRAMixin:
             raise ValueError(f"{self.lora_name}: head ids cover {head_ids.numel()} tokens but this "
                              f"layer sees {t_full} (sequence x batch); set_head_ids expects "
                              "[batch, seq] for the same batch as the model input")
-        return head_ids.to(device, non_blocking=True)
+        return self._lora_runtime.head_ids_on(head_ids, device)
 
     def _dropout_spec(self, count: int, tok_off: int, feat_off: int) -> Optional[DropoutSpec]:
         probs = self.lora_settings.dropout

@@ -40,6 +40,17 @@ class LoRARuntime:
         """[s * b] int64, sequence-major (Megatron's [s, b] order), or None."""
         self.forward_count = 0
         """Training-mode forwards of the chunk so far: each one gets fresh dropout masks."""
+        self._on_device = {}  # head ids copied once per device, not once per layer
+
+    def head_ids_on(self, head_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``head_ids`` on ``device``; the copy of the current ids is shared by all layers."""
+        if head_ids.device == device:
+            return head_ids
+        cached = self._on_device.get(device)
+        if cached is None or cached[0] is not head_ids:
+            cached = (head_ids, head_ids.to(device, non_blocking=True))
+            self._on_device[device] = cached
+        return cached[1]
 
     def on_chunk_forward(self, module, args) -> None:
         """Forward pre-hook on the chunk root: one tick per training forward."""
@@ -52,6 +63,7 @@ class LoRARuntime:
     def set_head_ids(self, head_ids: Optional[torch.Tensor]) -> None:
         if head_ids is None:
             self.head_ids = None
+            self._on_device.clear()
             return
         if self.routing != "modality":
             raise ValueError(f"set_head_ids: these adapters use routing={self.routing!r}; per-token "
@@ -67,6 +79,7 @@ class LoRARuntime:
                 raise ValueError(f"head ids must be in [-1, {self.num_heads - 1}] (num_heads="
                                  f"{self.num_heads}; -1 = no adapter), got values in [{lo}, {hi}]")
         self.head_ids = head_ids.t().reshape(-1).to(torch.int64)
+        self._on_device.clear()
 
 
 class LayerStateTape:

@@ -45,3 +45,19 @@ class FakeTELayerNormColumnParallelLinear(torch.nn.Module):
             return (out, self.bias, ln) if self.return_layernorm_output else (out, self.bias)
         out = out + self.bias
         return ((out, ln) if self.return_layernorm_output else out), None
+
+
+class FakeTELinearDuplicated(torch.nn.Module):
+    """TE ``Linear`` with ``parallel_mode="duplicated"`` as Megatron's TELinear wraps it: the
+    weight is whole on every TP rank; under SP the input (and output) is a sequence shard."""
+
+    def __init__(self, in_features, out_features, tp_group, sequence_parallel,
+                 dtype=torch.float64):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._tp_group, self.parallel_mode = tp_group, "duplicated"
+        self.sequence_parallel = sequence_parallel and comm.group_size(tp_group) > 1
+        self.weight = torch.nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype))
+
+    def forward(self, x):
+        return x @ self.weight.t(), None

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import megalora
-from fake_te import FakeTELayerNormColumnParallelLinear
+from fake_te import FakeTELayerNormColumnParallelLinear, FakeTELinearDuplicated
 from megalora.base_layers import register_base_layer
 from megalora.reference import lora_expand_ref, lora_shrink_ref
 from megalora.sharding import FactorSharding, shard, unshard
@@ -99,6 +99,70 @@ def test_te_layernorm_column_tp2(sp):
     for r in res:
         assert torch.allclose(r["A"], ref["A"], atol=1e-12)
     assert torch.allclose(unshard([r["B"] for r in res], FactorSharding(1)), ref["B"], atol=1e-12)
+
+
+def _duplicated(t, tp_group, tp, rank, sp):
+    """A replicated base (MLA-style down-projection): every factor replicated; under SP each
+    rank adapts its own sequence shard and the factors' partial gradients are summed."""
+    register_base_layer(FakeTELinearDuplicated, "duplicated", "te")
+    layer = FakeTELinearDuplicated(DIN, DOUT, tp_group, sp)
+    with torch.no_grad():
+        layer.weight.copy_(t["w"])
+    holder = torch.nn.ModuleDict({"linear_q_down_proj": layer})
+    megalora.apply_lora(holder, megalora.LoRAConfig(
+        rank=R, alpha=2.0, num_heads=K, routing="modality", dropout=0.5,
+        target_modules=("linear_q_down_proj",)))
+    with torch.no_grad():
+        layer.lora_A.copy_(t["A"])
+        layer.lora_B.copy_(t["B"])
+    megalora.set_head_ids(holder, t["ids"])
+    n = S // tp if sp else S
+    x = t["x"][rank * n:(rank + 1) * n].clone().requires_grad_()
+    out, _ = layer(x)
+    (out * t["dy"][rank * n:(rank + 1) * n]).sum().backward()
+    megalora.finalize_lora_grads(holder)
+    from megalora.runtime import layer_dropout_seed
+    seed = layer_dropout_seed(layer._lora_runtime.seed, layer._lora_name_hash, 0)
+    return {"out": out.detach(), "x": x.grad, "A": layer.lora_A.grad, "B": layer.lora_B.grad,
+            "seed": seed}
+
+
+def _duplicated_reference(t, seed):
+    from megalora.reference import DropoutSpec
+
+    x = t["x"].clone().requires_grad_()
+    a, b = t["A"].clone().requires_grad_(), t["B"].clone().requires_grad_()
+    flat = x.reshape(-1, DIN)
+    y = flat @ t["w"].t() + lora_expand_ref(lora_shrink_ref(flat, a, DropoutSpec((0.5,), seed)),
+                                            b, 0.5, head_ids=t["ids"].t().reshape(-1))
+    y = y.reshape(S, B, DOUT)
+    (y * t["dy"]).sum().backward()
+    return {"out": y.detach(), "x": x.grad, "A": a.grad, "B": b.grad}
+
+
+def test_duplicated_linear_tp1(megatron_world1):
+    t = _tensors()
+    got = _duplicated(t, None, 1, 0, False)
+    for key, ref in _duplicated_reference(t, got["seed"]).items():
+        assert torch.allclose(got[key], ref, atol=1e-12), key
+
+
+def _dup_tp2(rank, world):
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(tensor_model_parallel_size=2)
+    return _duplicated(_tensors(), ps.get_tensor_model_parallel_group(), 2, rank, True)
+
+
+def test_duplicated_linear_tp2_sequence_parallel():
+    t = _tensors()
+    res = run_distributed(2, _dup_tp2)
+    ref = _duplicated_reference(t, res[0]["seed"])
+    assert torch.allclose(torch.cat([r["out"] for r in res]), ref["out"], atol=1e-12)
+    assert torch.allclose(torch.cat([r["x"] for r in res]), ref["x"], atol=1e-12)
+    for r in res:
+        assert torch.allclose(r["A"], ref["A"], atol=1e-12)
+        assert torch.allclose(r["B"], ref["B"], atol=1e-12)
 
 
 def test_real_transformer_engine_layers():
