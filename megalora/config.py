@@ -23,7 +23,7 @@ ROUTING_MODES = ("single", "modality", "router")
 A_INITS = ("kaiming", "gaussian")
 B_INITS = ("zeros", "gaussian")
 DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 
 
 def _is_glob(pattern: str) -> bool:
@@ -119,8 +119,13 @@ class LoRAConfig:
     """Adapter parameter dtype: ``float32``, ``bfloat16``, ``float16``; None = the base weight's."""
 
     backend: str = "auto"
-    """Which implementation runs the adapter maths: ``torch`` (the plain-PyTorch reference) or
-    ``auto`` (the fastest available one for the tensors' device; the reference on CPU)."""
+    """Which implementation runs the adapter maths: ``torch`` (the plain-PyTorch reference),
+    ``triton`` (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1) or ``auto`` (``triton`` for
+    CUDA tensors when it can run them, else ``torch``; logged once)."""
+
+    deterministic: bool = False
+    """Backward without atomics, the same bits every run (the fused kernels then read dy twice).
+    Also on whenever ``torch.use_deterministic_algorithms(True)`` is."""
 
     def __post_init__(self) -> None:
         self.target_modules = _as_str_tuple("target_modules", self.target_modules)

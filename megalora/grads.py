@@ -60,13 +60,17 @@ def _grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
 
 def finalize_lora_grads(model: ModelLike) -> int:
     """SUM over TP the gradients of factors flagged ``sequence_parallel`` (one coalesced
-    all-reduce per TP group). Returns how many gradients were reduced."""
+    all-reduce per TP group), and their per-head ``grad_split`` buffers if any. Returns how
+    many tensors were reduced."""
     by_group = {}
     for item in lora_parameters(model):
         grad = _grad_of(item.param)
         if grad is None or not getattr(item.param, "sequence_parallel", False):
             continue
-        by_group.setdefault(id(item.tp_group), (item.tp_group, []))[1].append(grad)
+        for tensor in (grad, getattr(item.param, "grad_split", None)):
+            if tensor is not None:  # one coalesced all-reduce per (TP group, dtype)
+                key = (id(item.tp_group), tensor.dtype)
+                by_group.setdefault(key, (item.tp_group, []))[1].append(tensor)
     count = 0
     for group, grads in by_group.values():
         flat = _flatten_dense_tensors(grads)
@@ -91,3 +95,27 @@ def full_lora_grads(model: ModelLike) -> dict:
                 out[f"{layer.lora_name}.{factor}"] = _gather_full(grad, specs[factor],
                                                                   layer.lora_layout)
     return out
+
+
+def enable_grad_split(model: ModelLike) -> int:
+    """Give every modality-routed adapter's A a per-head gradient buffer ``lora_A.grad_split``
+    [K, r, d_in(/TP)] fp32: each backward adds head k's share of dA (the tokens routed to k)
+    into row k, computed in the same pass as dA. Zero it with ``zero_grad_split``; it is
+    summed over TP like the gradient itself by ``finalize_lora_grads``. Returns the count."""
+    count = 0
+    for layer in lora_modules(model):
+        if layer.lora_settings.routing != "modality":
+            continue
+        a = layer.lora_A
+        a.grad_split = torch.zeros((layer.lora_settings.num_heads,) + tuple(a.shape),
+                                   dtype=torch.float32, device=a.device)
+        count += 1
+    return count
+
+
+def zero_grad_split(model: ModelLike) -> None:
+    """Zero the per-head dA buffers made by ``enable_grad_split``."""
+    for layer in lora_modules(model):
+        split = getattr(layer.lora_A, "grad_split", None)
+        if split is not None:
+            split.zero_()

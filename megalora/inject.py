@@ -197,7 +197,8 @@ def _adapt(module, canonical: str, config: LoRAConfig, runtime: LoRARuntime) -> 
     module.__class__ = lora_class_for(type(module))
     module.lora_setup(name=canonical, settings=settings, layout=layout, runtime=runtime,
                       seed=config.seed, init_a=config.init_a, init_b=config.init_b,
-                      dtype=config.dtype, backend=config.backend)
+                      dtype=config.dtype, backend=config.backend,
+                      deterministic=config.deterministic)
     shapes = global_shapes(layout, settings.rank, settings.num_heads)
     used = ("lora_A", "lora_B") + (("lora_router",) if settings.routing == "router" else ())
     params = sum(int(torch.Size(shapes[f]).numel()) for f in used)

@@ -57,12 +57,13 @@ class LoRAMixin:
     # ------------------------------------------------------------------ setup
     def lora_setup(self, *, name: str, settings: ModuleLoRASettings, layout: BaseLayout,
                    runtime: LoRARuntime, seed: int, init_a: str, init_b: str,
-                   dtype: Optional[str], backend: str) -> None:
+                   dtype: Optional[str], backend: str, deterministic: bool = False) -> None:
         """Create, shard and initialise the adapter parameters of this layer."""
         self.lora_name = name
         self.lora_settings = settings
         self.lora_layout = layout
         self.lora_backend = backend
+        self.lora_deterministic = deterministic
         self.lora_merged_head: Optional[int] = None
         self.lora_enabled = True
         self._lora_runtime = runtime
@@ -124,11 +125,11 @@ class LoRAMixin:
         if self.lora_merged_head is None and self.lora_enabled:
             gather = kwargs.get("runtime_gather_output", args[1] if len(args) > 1 else None)
             x = ln_out if style == "te_ln" else input_
-            out = out + self._lora_delta(x, gather).to(out.dtype)
+            out = self._lora_add(x, out, gather)
         return _repack(out, bias, ln_out, style, want_ln, three)
 
-    def _lora_delta(self, x: torch.Tensor, runtime_gather_output=None) -> torch.Tensor:
-        """The adapter's contribution, shaped like this rank's base output."""
+    def _lora_prepare(self, x: torch.Tensor):
+        """(x as [T_local, d_in_local], full head ids, this rank's input head ids, dropout)."""
         lay, s = self.lora_layout, self.lora_settings
         head_ids, count = self._lora_tape.resolve(self._lora_runtime.state())
         x2 = x.reshape(-1, x.shape[-1])
@@ -145,10 +146,16 @@ class LoRAMixin:
         tok_off = lay.tp_rank * t_local if sp_in else 0
         feat_off = lay.tp_rank * x2.shape[1] if lay.kind == "row" else 0
         ids_in = head_ids[tok_off:tok_off + t_local] if head_ids is not None else None
-        drop = self._dropout_spec(count, tok_off, feat_off)
+        return x2, head_ids, ids_in, self._dropout_spec(count, tok_off, feat_off)
 
-        z = ops.lora_shrink(x2, self.lora_A, drop, ids_in if s.routing == "modality" else None,
-                            self.lora_backend)
+    def _lora_add(self, x: torch.Tensor, out: torch.Tensor, runtime_gather_output=None):
+        """``out`` + the adapter's contribution (this rank's base output layout)."""
+        lay, s = self.lora_layout, self.lora_settings
+        x2, head_ids, ids_in, drop = self._lora_prepare(x)
+        modality = s.routing == "modality"
+        z = ops.lora_shrink(x2, self.lora_A, drop, ids_in if modality else None,
+                            self.lora_backend,
+                            getattr(self.lora_A, "grad_split", None) if modality else None)
         if self.lora_router is not None:
             z = torch.cat([z, x2.to(self.lora_router.dtype) @ self.lora_router.t()], dim=-1)
         z = self._lora_exchange(z)
@@ -161,14 +168,29 @@ class LoRAMixin:
                 n = z.shape[0]
                 ids_out = head_ids[lay.tp_rank * n:(lay.tp_rank + 1) * n]
         weights = router_weights_ref(logits, s.router_top_k) if logits is not None else None
-        y = ops.lora_expand(z, self.lora_B, s.scale, ids_out, weights, self.lora_backend)
         gather = lay.gather_output if runtime_gather_output is None else runtime_gather_output
-        if lay.kind == "column" and gather:
+        gather = gather and lay.kind == "column"
+        target = self._inplace_target(z, out, gather)
+        y = ops.lora_expand(z, self.lora_B, s.scale, ids_out, weights, self.lora_backend,
+                            self.lora_deterministic, out=target)
+        if target is not None:  # added into the base output in place (fused epilogue)
+            return y
+        if gather:
             y = comm.gather_last_dim(y, lay.tp_group)
-        rows = x.shape[0] * (lay.tp_size if sp_in and lay.kind == "column" else 1)
-        if lay.kind == "row" and lay.sequence_parallel:
-            rows = x.shape[0] // lay.tp_size
-        return y.reshape((rows,) + tuple(x.shape[1:-1]) + (y.shape[-1],))
+        return out + y.reshape(out.shape).to(out.dtype)
+
+    def _inplace_target(self, z, out, gather) -> Optional[torch.Tensor]:
+        """``out`` itself when the fused kernels can add into it in place: Triton backend,
+        a Megatron-core base (its autograd keeps no reference to its output), no gathered
+        output, contiguous memory."""
+        # a view (e.g. a collective that returned its input as-is at TP=1) cannot be modified in
+        # place under autograd
+        if gather or self.lora_layout.style != "mcore" or not out.is_contiguous() or \
+                out._is_view():
+            return None
+        if ops.resolve_backend(self.lora_backend, z.device, self.lora_B.dtype) != "triton":
+            return None
+        return out
 
     def _lora_exchange(self, z: torch.Tensor) -> torch.Tensor:
         """The one TP collective of the adapter (rank-r activations only)."""

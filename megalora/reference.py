@@ -108,6 +108,54 @@ def lora_shrink_ref(x: torch.Tensor, a: torch.Tensor, dropout: Optional[DropoutS
     return x @ a.t()
 
 
+def lora_shrink_backward_ref(ds: torch.Tensor, x: torch.Tensor, a: torch.Tensor,
+                             dropout: Optional[DropoutSpec] = None,
+                             head_ids: Optional[torch.Tensor] = None, split_heads: int = 0):
+    """Gradients of ``lora_shrink_ref``: (dx [T, d_in], dA [r, d_in], dA_split or None).
+
+    dA_split [K, r, d_in] (``split_heads`` = K > 0) holds each head's share of dA: the sum over
+    the tokens routed to head k (tokens with head -1 contribute nothing).
+    """
+    ds = ds.to(a.dtype)
+    xd = x.to(a.dtype)
+    dx = ds @ a
+    if dropout is not None and dropout.active():
+        scale = dropout_scale_ref(dropout, x.shape[0], x.shape[1], head_ids, x.device)
+        xd, dx = xd * scale.to(xd.dtype), dx * scale.to(dx.dtype)
+    da = ds.t() @ xd
+    split = None
+    if split_heads:
+        split = torch.stack([ds[head_ids == k].t() @ xd[head_ids == k]
+                             for k in range(split_heads)])
+    return dx.to(x.dtype), da, split
+
+
+def lora_expand_backward_ref(dy: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scale: float,
+                             head_ids: Optional[torch.Tensor] = None,
+                             weights: Optional[torch.Tensor] = None):
+    """Gradients of ``lora_expand_ref``: (ds [T, r], dB [K, d_out, r], dweights [T, K] or None).
+
+    With g_k = dy @ B[k]:  ds = scale * sum_k w_k g_k;  dB[k] = scale * (w_k dy)^T s;
+    dw[:, k] = scale * <s, g_k> (router weights only).
+    """
+    dy, s = dy.to(b.dtype), s.to(b.dtype)
+    if weights is not None:
+        w = weights.to(b.dtype)
+    elif head_ids is not None:
+        w = torch.zeros(s.shape[0], b.shape[0], dtype=b.dtype, device=s.device)
+        valid = head_ids >= 0
+        w[valid, head_ids[valid].long()] = 1.0
+    else:
+        w = torch.ones(s.shape[0], 1, dtype=b.dtype, device=s.device)
+    g = [dy @ b[k] for k in range(b.shape[0])]
+    ds = scale * sum(w[:, k:k + 1] * g[k] for k in range(b.shape[0]))
+    db = torch.stack([scale * (w[:, k:k + 1] * dy).t() @ s for k in range(b.shape[0])])
+    dw = None
+    if weights is not None:
+        dw = torch.stack([scale * (s * g[k]).sum(-1) for k in range(b.shape[0])], dim=1)
+    return ds, db, dw
+
+
 def router_weights_ref(logits: torch.Tensor, top_k: Optional[int] = None) -> torch.Tensor:
     """HydraLoRA routing weights: softmax over heads in at least fp32, optionally top-k and
     renormalised.  logits: [T, K] -> w: [T, K] (float32, or float64 for float64 logits).

@@ -9,6 +9,11 @@ import warnings
 import pytest
 import torch
 
+# Triton kernels run through the CPU interpreter when there is no GPU. It must be chosen before
+# any kernel module is imported (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 

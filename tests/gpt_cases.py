@@ -31,7 +31,8 @@ def batches(n_micro=4, b=2, s=16, vocab=128, seed=0):
     return out
 
 
-def lora_step(tp, pp, sp, variant, recompute=False, finalize=True, tape=True):
+def lora_step(tp, pp, sp, variant, recompute=False, finalize=True, tape=True, backend="torch",
+              dtype=torch.float64):
     """Build, adapt, one forward/backward/SGD step. Returns loss, full grads, full adapter.
 
     ``tape=False`` switches off the layers' recompute state tape (a sensitivity check)."""
@@ -49,9 +50,9 @@ def lora_step(tp, pp, sp, variant, recompute=False, finalize=True, tape=True):
         LayerStateTape.resolve = lambda self, current: current
     try:
         shape = TinyGPTShape()
-        cfg = tiny_gpt_config(shape, tp, pp, sp, dtype=torch.float64, recompute=recompute)
+        cfg = tiny_gpt_config(shape, tp, pp, sp, dtype=dtype, recompute=recompute)
         model = build_tiny_gpt(shape, cfg, seed=7)
-        megalora.apply_lora(model, megalora.LoRAConfig(**VARIANTS[variant]))
+        megalora.apply_lora(model, megalora.LoRAConfig(backend=backend, **VARIANTS[variant]))
         data = batches()
         if variant != "modality":
             for b in data:

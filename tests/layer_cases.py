@@ -31,6 +31,8 @@ class LayerCase:
     top_k: Optional[int] = None
     integer: bool = True
     seed: int = 0
+    backend: str = "torch"
+    dtype: torch.dtype = torch.float64   # the layer's dtype (the reference is always float64)
 
     @property
     def name(self):
@@ -61,7 +63,8 @@ def make_tensors(case: LayerCase) -> dict:
 def lora_config(case: LayerCase, dtype: Optional[str] = None) -> LoRAConfig:
     return LoRAConfig(rank=case.rank, alpha=float(case.rank), num_heads=case.heads,
                       routing=case.routing, router_top_k=case.top_k, dropout=case.dropout,
-                      target_modules=(case.name,), seed=case.seed, dtype=dtype)
+                      target_modules=(case.name,), seed=case.seed, dtype=dtype,
+                      backend=case.backend)
 
 
 def reference(case: LayerCase, t: dict, dropout_seed: Optional[int]) -> dict:
@@ -83,7 +86,7 @@ def reference(case: LayerCase, t: dict, dropout_seed: Optional[int]) -> dict:
     return out
 
 
-def build(case: LayerCase, t: dict, tp: int, sp: bool, dtype=torch.float64):
+def build(case: LayerCase, t: dict, tp: int, sp: bool):
     """A ModuleDict holding the adapted base layer with the case's full tensors sharded in."""
     import megalora
     from megatron.core import parallel_state as ps
@@ -91,7 +94,7 @@ def build(case: LayerCase, t: dict, tp: int, sp: bool, dtype=torch.float64):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     cfg = ModelParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp,
-                              params_dtype=dtype, use_cpu_initialization=True)
+                              params_dtype=case.dtype, use_cpu_initialization=True)
     rank = ps.get_tensor_model_parallel_rank()
     zeros = torch.nn.init.zeros_
     if case.kind == "column":
@@ -118,7 +121,7 @@ def build(case: LayerCase, t: dict, tp: int, sp: bool, dtype=torch.float64):
 
 def local_input(case, t, layer):
     lay = layer.lora_layout
-    x = t["x"]
+    x = t["x"].to(case.dtype)
     if lay.kind == "column" and lay.sequence_parallel:
         n = case.seq // lay.tp_size
         x = x[lay.tp_rank * n:(lay.tp_rank + 1) * n]
@@ -130,7 +133,7 @@ def local_input(case, t, layer):
 
 def local_grad_out(case, t, layer):
     lay = layer.lora_layout
-    dy = t["dy"]
+    dy = t["dy"].to(case.dtype)
     if lay.kind == "column":
         dy = shard(dy, FactorSharding(2, case.stride), lay.tp_rank, lay.tp_size)
     elif lay.sequence_parallel:
@@ -159,7 +162,7 @@ def run_layer(case: LayerCase, t: dict, tp: int, sp: bool, holder=None, layer=No
     megalora.finalize_lora_grads(holder)
     lay, group = layer.lora_layout, layer.lora_layout.tp_group
     grads = full_lora_grads(holder)
-    res = {k.rsplit(".", 1)[-1]: v for k, v in grads.items()}
+    res = {k.rsplit(".", 1)[-1]: v.double() for k, v in grads.items()}
     if lay.kind == "column":
         pieces = [torch.empty_like(out) for _ in range(tp)]
         if tp > 1:
@@ -177,6 +180,7 @@ def run_layer(case: LayerCase, t: dict, tp: int, sp: bool, holder=None, layer=No
         else:
             pieces = [x.grad]
         res["x.grad"] = torch.cat(pieces, dim=-1)
+    res = {k: (v.double() if torch.is_tensor(v) else v) for k, v in res.items()}
     res["dropout_seed"] = _dropout_seed(layer)
     return res
 
