@@ -20,5 +20,10 @@ setup(
         "numpy",
         "pyyaml>=6",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        # CUDA builds of torch already depend on a matching triton; CPU-only installs that want
+        # the kernel tests (TRITON_INTERPRET=1) add it explicitly.
+        "triton": ["triton>=3.2"],
+    },
 )

@@ -79,12 +79,17 @@ def pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(max(1, n)))
 
 
-def block_sizes(tokens: int, features: int):
-    """(BLOCK_M, BLOCK_N) for a [tokens, features] streaming pass. Small under the interpreter
-    (every program instance is a Python loop); 64 x 128 on GPU (to be tuned on the device)."""
+def block_sizes(tokens: int, features: int, wide: int = 16):
+    """(BLOCK_M, BLOCK_N) for a [tokens, features] streaming pass whose programs also hold a
+    [wide, BLOCK_N] fp32 tile. Small under the interpreter (every program instance is a Python
+    loop). On GPU 64 x 128, with BLOCK_N halved until that tile is <= 32 KB (untuned defaults:
+    the benchmark decides on the device)."""
     if interpreting():
         return 16, 32
-    return 64, 128
+    bn = 128
+    while wide * bn > 8192 and bn > 32:
+        bn //= 2
+    return 64, bn
 
 
 def split_count(tokens: int, block_m: int, programs: int) -> int:

@@ -45,7 +45,7 @@ def _lora_expand_fwd_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
         HEADS_PER_PROG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     WIDE: tl.constexpr = HEADS_PER_PROG * BLOCK_R
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = rm < T, rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -87,7 +87,7 @@ def _lora_expand_bwd_fused_kernel(
         HEADS_PER_PROG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Atomic mode: ds, dw and dB from a single read of dy (fp32 atomics, L2-resident)."""
     WIDE: tl.constexpr = HEADS_PER_PROG * BLOCK_R
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = rm < T, rn < N
     dy = tl.load(dy_ptr + rm[:, None] * sdyt + rn[None, :] * sdyn,
@@ -128,7 +128,7 @@ def _lora_expand_bwd_ds_kernel(
         HEADS_PER_PROG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Deterministic mode, part 1: a program owns BLOCK_M tokens and loops over all of N."""
     WIDE: tl.constexpr = HEADS_PER_PROG * BLOCK_R
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets
     mask_m = rm < T
     rr = tl.arange(0, BLOCK_R)
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -171,7 +171,8 @@ def _lora_expand_bwd_db_kernel(
     head, j = cols // BLOCK_R, cols % BLOCK_R
     acc = tl.zeros((WIDE, BLOCK_N), dtype=tl.float32)
     for tile in range(tiles_per_split):
-        rm = (tl.program_id(2) * tiles_per_split + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = ((tl.program_id(2) * tiles_per_split + tile) * BLOCK_M +
+              tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = rm < T
         w = _routing_tile(ids_ptr, w_ptr, rm, mask_m, head, K, swt, swk, ROUTING)
         if tl.max(tl.max(w, axis=1), axis=0) > 0:
@@ -214,9 +215,9 @@ def lora_expand_fwd(s: torch.Tensor, b: torch.Tensor, scale: float,
     y = out if out is not None else torch.empty((T, N), device=s.device, dtype=b.dtype)
     if T == 0:
         return y
-    bm, bn = block_sizes(T, N)
     br = pow2(R)
     hpp, chunks = _heads_per_prog(K, br)
+    bm, bn = block_sizes(T, N, hpp * br)
     upcast, ieee = dot_flags(b.dtype)
     _lora_expand_fwd_kernel[(triton.cdiv(T, bm), triton.cdiv(N, bn))](
         s, b, y, ids, w, float(scale), T, N, R, K, s.stride(0), s.stride(1), b.stride(0),
@@ -244,9 +245,9 @@ def lora_expand_bwd(dy: torch.Tensor, s: torch.Tensor, b: torch.Tensor, scale: f
     if T == 0:
         return ds, db, dw
     dw_arg = dw if dw is not None else torch.zeros((1, 1), device=s.device)
-    bm, bn = block_sizes(T, N)
     br = pow2(R)
     hpp, chunks = _heads_per_prog(K, br)
+    bm, bn = block_sizes(T, N, hpp * br)
     upcast, ieee = dot_flags(b.dtype)
     common = dict(ROUTING=routing, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, HEADS_PER_PROG=hpp,
                   UPCAST=upcast, IEEE=ieee)

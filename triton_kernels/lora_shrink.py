@@ -34,7 +34,7 @@ def _lora_shrink_fwd_kernel(
         DROPOUT: tl.constexpr, PER_HEAD_P: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
         UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets
     rr = tl.arange(0, BLOCK_R)
     mask_m = rm < T
     if DROPOUT:
@@ -63,7 +63,7 @@ def _lora_shrink_dx_kernel(
         DROPOUT: tl.constexpr, PER_HEAD_P: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
         UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit offsets
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rr = tl.arange(0, BLOCK_R)
     mask_m, mask_d = rm < T, rd < D
@@ -99,7 +99,8 @@ def _lora_shrink_da_kernel(
     k_lo = tl.program_id(1) * HEADS_PER_PROG
     acc = tl.zeros((WIDE, BLOCK_D), dtype=tl.float32)
     for tile in range(tiles_per_split):
-        rm = (tl.program_id(2) * tiles_per_split + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = ((tl.program_id(2) * tiles_per_split + tile) * BLOCK_M +
+              tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = rm < T
         if SPLIT:  # unrouted tokens (-1) go to the last slot, so the slots still sum to dA
             ids = tl.load(ids_ptr + rm, mask=mask_m, other=-2)
@@ -212,7 +213,7 @@ def lora_shrink_bwd_da(ds: torch.Tensor, x: torch.Tensor, a_dtype: torch.dtype,
     br = pow2(R)
     hpp = max(1, min(triton.next_power_of_2(heads), _MAX_WIDE // br))
     chunks = triton.cdiv(heads, hpp)
-    bm, bd = block_sizes(T, D)
+    bm, bd = block_sizes(T, D, hpp * br)
     splits = split_count(T, bm, triton.cdiv(D, bd) * chunks)
     tiles = triton.cdiv(triton.cdiv(max(T, 1), bm), splits)
     out = torch.zeros((splits, chunks * hpp * br, D), device=x.device, dtype=torch.float32)

@@ -1,0 +1,26 @@
+"""python -m megalora.bench {kernels} [options]"""
+
+import argparse
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m megalora.bench",
+                                     description="megalora microbenchmarks")
+    sub = parser.add_subparsers(dest="which", required=True)
+    kernels = sub.add_parser("kernels", help="fused shared-A/multi-B LoRA kernels vs the "
+                             "PyTorch reference and a PEFT-style per-head loop")
+    kernels.add_argument("--quick", action="store_true", help="d=4096, r=16, K in {1,2} only")
+    kernels.add_argument("--layout", choices=["contiguous", "interleaved"], default="contiguous",
+                         help="how modality ids are laid out over tokens")
+    kernels.add_argument("--csv", default=None, help="CSV path (default out/bench/...)")
+    args = parser.parse_args(argv)
+    if args.which == "kernels":
+        from megalora.bench.kernels import run
+
+        return run(quick=args.quick, layout=args.layout, csv_path=args.csv)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
