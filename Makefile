@@ -9,10 +9,10 @@ CONFIG ?= launch/configs/gpt_tiny.yaml
 
 .PHONY: setup demo test clean
 
-$(STAMP): requirements/ci.txt setup.py
+$(STAMP): requirements/ci.txt setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements/ci.txt
-	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .  # builds megalora._C from csrc/
 	touch $@
 
 setup: $(STAMP)

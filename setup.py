@@ -1,10 +1,61 @@
 """megalora: multimodal LoRA for Megatron-core (TP/SP/PP parallel adapters, fused kernels).
 
 Install for development:  pip install --no-build-isolation -e .
+(no build isolation: the C++ extension compiles against the torch already installed)
+
 ``triton_kernels/`` installs as ``megalora.triton_kernels`` (the bare name belongs to Triton).
+
+Build switches (environment variables):
+  MEGALORA_SKIP_EXT=1     do not build megalora._C (the pure-PyTorch fallback is used instead)
+  MEGALORA_FORCE_CUDA=1   build the CUDA kernels even where no GPU is visible (needs a CUDA
+                          build of torch and the CUDA toolkit, CUDA_HOME)
+  MEGALORA_NO_CUDA=1      build the CPU extension only, even where CUDA is available
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0": A100, H100/H200)
+  MAX_JOBS                parallel compile jobs (torch's BuildExtension honours it)
 """
 
+import os
+
 from setuptools import find_packages, setup
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    """(ext_modules, cmdclass): megalora._C from csrc/, CPU always, CUDA when possible."""
+    if _flag("MEGALORA_SKIP_EXT"):
+        print("megalora: MEGALORA_SKIP_EXT=1, not building megalora._C (fallback in use)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("megalora: torch is not importable at build time, so megalora._C is not built; "
+              "install torch first and use `pip install --no-build-isolation -e .`")
+        return [], {}
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    sources = ["csrc/bindings.cpp", "csrc/reductions_cpu.cpp"]
+    want_cuda = _flag("MEGALORA_FORCE_CUDA") or (torch.cuda.is_available() and
+                                                  not _flag("MEGALORA_NO_CUDA"))
+    if want_cuda and (torch.version.cuda is None or CUDA_HOME is None):
+        raise RuntimeError("megalora: CUDA build requested but torch is a CPU build or CUDA_HOME "
+                           "is unset; unset MEGALORA_FORCE_CUDA or install the CUDA toolkit")
+    if want_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        ext = CUDAExtension(
+            "megalora._C", sources + ["csrc/reductions_cuda.cu", "csrc/reductions_cuda_host.cpp"],
+            define_macros=[("MEGALORA_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("megalora._C", sources, extra_compile_args=cxx,
+                           extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     name="megalora",
@@ -13,6 +64,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megalora", "megalora.*"]) + ["megalora.triton_kernels"],
     package_dir={"megalora.triton_kernels": "triton_kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16",

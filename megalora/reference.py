@@ -205,3 +205,31 @@ def multi_b_lora_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     weights = router_weights_ref(x.to(router.dtype) @ router.t(), top_k) if router is not None \
         else None
     return y + lora_expand_ref(s, b, scale, None if weights is not None else head_ids, weights)
+
+
+def gram_ref(grads, groups, num_groups: int) -> torch.Tensor:
+    """G[g, i, j] = sum over tensors p of group g of <grads[i][p], grads[j][p]>, in float64.
+
+    grads: K lists of P tensors (same shapes across lists); groups: P group indices.
+    """
+    K = len(grads)
+    out = torch.zeros(num_groups, K, K, dtype=torch.float64)
+    for p, g in enumerate(groups):
+        flat = [grads[k][p].detach().reshape(-1).to(torch.float64).cpu() for k in range(K)]
+        for i in range(K):
+            for j in range(K):
+                out[int(g), i, j] += torch.dot(flat[i], flat[j])
+    return out
+
+
+def combine_ref(grads, weights: torch.Tensor, groups, out=None) -> list:
+    """out[p] = sum_k weights[group(p), k] * grads[k][p] (+ out[p]), in float64."""
+    result = []
+    w = weights.to(torch.float64).cpu()
+    for p, g in enumerate(groups):
+        acc = sum(w[int(g), k] * grads[k][p].detach().to(torch.float64).cpu()
+                  for k in range(len(grads)))
+        if out is not None:
+            acc = acc + out[p].detach().to(torch.float64).cpu()
+        result.append(acc)
+    return result

@@ -1,4 +1,4 @@
-"""python -m megalora.bench {kernels} [options]"""
+"""python -m megalora.bench {kernels,reductions} [options]"""
 
 import argparse
 import sys
@@ -14,7 +14,15 @@ def main(argv=None):
     kernels.add_argument("--layout", choices=["contiguous", "interleaved"], default="contiguous",
                          help="how modality ids are laid out over tokens")
     kernels.add_argument("--csv", default=None, help="CSV path (default out/bench/...)")
+    red = sub.add_parser("reductions", help="per-objective gradient Gram/combine: megalora._C "
+                         "vs the torch._foreach fallback")
+    red.add_argument("--repeats", type=int, default=5, help="timed runs per line (median)")
+    red.add_argument("--csv", default=None, help="CSV path (default out/bench/...)")
     args = parser.parse_args(argv)
+    if args.which == "reductions":
+        from megalora.bench.reductions import run
+
+        return run(csv_path=args.csv, repeats=args.repeats)
     if args.which == "kernels":
         from megalora.bench.kernels import run
 
