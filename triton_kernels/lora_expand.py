@@ -78,6 +78,14 @@ def _grad_wide(dy, b_ptr, rn, mask_n, head, j, K, R, sbk, sbn, sbr,
 
 
 @triton.jit
+def _router_grad(g, s, chunk, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                 HEADS_PER_PROG: tl.constexpr):
+    """(dw [BM, heads of this chunk], their head indices): dw[:, k] = <s, (dy @ B[k])>."""
+    dw = tl.sum(tl.reshape(g * s.to(tl.float32), (BLOCK_M, HEADS_PER_PROG, BLOCK_R)), axis=2)
+    return dw, chunk * HEADS_PER_PROG + tl.arange(0, HEADS_PER_PROG)
+
+
+@triton.jit
 def _lora_expand_bwd_fused_kernel(
         dy_ptr, s_ptr, b_ptr, ids_ptr, w_ptr, ds_ptr, db_ptr, dw_ptr, scale,
         T, N, R, K, sdyt, sdyn, sst, ssr, sbk, sbn, sbr, swt, swk,
@@ -105,9 +113,7 @@ def _lora_expand_bwd_fused_kernel(
             s = tl.load(s_ptr + rm[:, None] * sst + j[None, :] * ssr,
                         mask=mask_m[:, None] & (j < R)[None, :], other=0.0)
             if ROUTING == 2:
-                dw = tl.sum(tl.reshape(g * s.to(tl.float32), (BLOCK_M, HEADS_PER_PROG, BLOCK_R)),
-                            axis=2)
-                hk = chunk * HEADS_PER_PROG + tl.arange(0, HEADS_PER_PROG)
+                dw, hk = _router_grad(g, s, chunk, BLOCK_M, BLOCK_R, HEADS_PER_PROG)
                 tl.atomic_add(dw_ptr + rm[:, None] * sdwt + hk[None, :] * sdwk, dw * scale,
                               mask=mask_m[:, None] & (hk < K)[None, :])
             s_wide = cast(s.to(tl.float32) * w, dy.dtype, UPCAST)
@@ -148,9 +154,7 @@ def _lora_expand_bwd_ds_kernel(
             if ROUTING == 2:
                 s = tl.load(s_ptr + rm[:, None] * sst + j[None, :] * ssr,
                             mask=mask_m[:, None] & (j < R)[None, :], other=0.0)
-                dw = tl.sum(tl.reshape(g * s.to(tl.float32), (BLOCK_M, HEADS_PER_PROG, BLOCK_R)),
-                            axis=2)
-                hk = chunk * HEADS_PER_PROG + tl.arange(0, HEADS_PER_PROG)
+                dw, hk = _router_grad(g, s, chunk, BLOCK_M, BLOCK_R, HEADS_PER_PROG)
                 tl.store(dw_ptr + rm[:, None] * sdwt + hk[None, :] * sdwk, dw * scale,
                          mask=mask_m[:, None] & (hk < K)[None, :])
     tl.store(ds_ptr + rm[:, None] * sdst + rr[None, :] * sdsr, ds * scale,
