@@ -92,6 +92,10 @@ class LoRAConfig:
     num_heads: int = 1
     """K, the number of B heads sharing one A (AsymLoRA / HydraLoRA). 1 = plain LoRA."""
 
+    single_head_modules: Tuple[str, ...] = ()
+    """Names/globs of targets that get one B head and no routing whatever ``routing`` says
+    (e.g. ``vision.*``: a vision encoder sees other tokens than the LLM's modality ids)."""
+
     routing: str = "single"
     """How tokens pick B heads: ``single`` (one head, plain LoRA), ``modality`` (per-token head
     id from the batch: text=0, image=1, ...; -1 = no adapter), ``router`` (a learned softmax
@@ -130,6 +134,7 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         self.target_modules = _as_str_tuple("target_modules", self.target_modules)
         self.exclude_modules = _as_str_tuple("exclude_modules", self.exclude_modules)
+        self.single_head_modules = _as_str_tuple("single_head_modules", self.single_head_modules)
         if isinstance(self.dropout, (list, tuple)):
             self.dropout = tuple(float(p) for p in self.dropout)
         self.rank_pattern = dict(self.rank_pattern)
@@ -200,6 +205,10 @@ class LoRAConfig:
         alpha = float(_first_match(self.alpha_pattern, path, self.alpha))
         scale = alpha / (math.sqrt(rank) if self.use_rslora else rank)
         dropout = self.dropout if isinstance(self.dropout, tuple) else (float(self.dropout),)
+        if any(pattern_matches(p, path) for p in self.single_head_modules):
+            return ModuleLoRASettings(rank=rank, alpha=alpha, scale=scale, num_heads=1,
+                                      routing="single", router_top_k=None,
+                                      dropout=(max(dropout),))
         return ModuleLoRASettings(rank=rank, alpha=alpha, scale=scale, num_heads=self.num_heads,
                                   routing=self.routing, router_top_k=self.router_top_k,
                                   dropout=dropout)
@@ -208,7 +217,8 @@ class LoRAConfig:
         """Patterns of each field that match none of ``paths`` (to report typos)."""
         paths = list(paths)
         unused = {}
-        for name in ("target_modules", "exclude_modules", "rank_pattern", "alpha_pattern"):
+        for name in ("target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
+                     "single_head_modules"):
             patterns = getattr(self, name)
             missing = [p for p in patterns if not any(pattern_matches(p, q) for q in paths)]
             if missing:

@@ -99,7 +99,8 @@ def _check_patterns(config: LoRAConfig, local_paths: List[str], eligible_leaves:
     """Every pattern must match some module on some rank; say what exists when one does not."""
     unused = config.unused_patterns(local_paths)
     gathered = _all_gather_objects(unused)
-    for fld in ("target_modules", "exclude_modules", "rank_pattern", "alpha_pattern"):
+    for fld in ("target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
+                "single_head_modules"):
         never = set(gathered[0].get(fld, []))
         for other in gathered[1:]:
             never &= set(other.get(fld, []))

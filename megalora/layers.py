@@ -138,9 +138,11 @@ class LoRAMixin:
         t_local = x2.shape[0]
         sp_in = lay.sequence_parallel and lay.kind in ("column", "duplicated")
         t_full = t_local * lay.tp_size if sp_in else t_local
-        if head_ids is not None:
+        if s.routing != "modality":
+            head_ids = None  # e.g. a single-head vision encoder inside a modality-routed model
+        elif head_ids is not None:
             head_ids = self._check_head_ids(head_ids, t_full, x.device)
-        elif s.routing == "modality":
+        else:
             raise RuntimeError(f"{self.lora_name}: routing='modality' needs per-token head ids; "
                                "call megalora.set_head_ids(model, ids) before the forward")
         tok_off = lay.tp_rank * t_local if sp_in else 0

@@ -15,7 +15,7 @@ only while its context is open (nothing happens at import), and restores them on
    ``torch.cuda.current_device()`` and calls ``torch.cuda.synchronize()``: the module sees a
    ``torch.cuda`` whose ``current_device`` is the CPU and whose ``synchronize`` does nothing.
 
-Three more, needed only by features those four do not reach:
+Five more, needed only by features those four do not reach:
 
 5. sequence parallelism: ``megatron/core/tensor_parallel/mappings.py`` (``_gather_along_first_dim``,
    ``_reduce_scatter_along_first_dim``) and ``tensor_parallel/layers.py`` (the SP all-gather in
@@ -23,7 +23,13 @@ Three more, needed only by features those four do not reach:
    those modules see the same CPU ``torch.cuda`` as in 4.
 6. activation recompute: ``random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` (called by
    ``CheckpointFunction``) read and write the CUDA generator: a placeholder state / no-op.
-7. grad-norm: ``megatron/core/optimizer/clip_grads.py`` builds its accumulators with
+7. RoPE: ``megatron/core/models/common/embeddings/rotary_pos_embedding.py`` moves its
+   frequencies to ``torch.cuda.current_device()`` in ``get_emb``: the module sees the CPU
+   ``torch.cuda`` of 4.
+8. vision: ``megatron/core/models/vision/clip_vit_model.py`` builds its position ids with
+   ``torch.arange(...).cuda()`` in ``CLIPViTModel.__init__``: ``Tensor.cuda`` returns the tensor
+   itself (a CPU-only process could not move anything to a GPU anyway).
+9. grad-norm: ``megatron/core/optimizer/clip_grads.py`` builds its accumulators with
    ``device='cuda'`` and, without apex/TE, its l2-norm is ``megatron/core/utils.py``
    ``local_multi_tensor_l2_norm``, which returns ``torch.tensor(..., device="cuda")``: the module
    sees a ``torch`` whose allocations ignore ``device`` and the same l2-norm on the CPU.
@@ -77,6 +83,7 @@ def _patches() -> List[Tuple[object, str, object]]:
     clip = importlib.import_module("megatron.core.optimizer.clip_grads")
     mappings = importlib.import_module("megatron.core.tensor_parallel.mappings")
     layers = importlib.import_module("megatron.core.tensor_parallel.layers")
+    rope = importlib.import_module("megatron.core.models.common.embeddings.rotary_pos_embedding")
 
     def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
         return torch.empty(tensor_shape, dtype=dtype)
@@ -91,8 +98,10 @@ def _patches() -> List[Tuple[object, str, object]]:
         (layers, "torch", _DeviceAgnosticTorch()),                                  # 5
         (random, "_get_cuda_rng_state", lambda *a, **k: torch.zeros(1)),            # 6
         (random, "_set_cuda_rng_state", lambda *a, **k: None),                      # 6
-        (clip, "torch", _DeviceAgnosticTorch()),                                    # 7
-        (clip, "l2_norm_impl", _cpu_l2_norm),                                       # 7
+        (rope, "torch", _DeviceAgnosticTorch()),                                    # 7
+        (torch.Tensor, "cuda", lambda self, *a, **k: self),                         # 8
+        (clip, "torch", _DeviceAgnosticTorch()),                                    # 9
+        (clip, "l2_norm_impl", _cpu_l2_norm),                                       # 9
     ]
 
 

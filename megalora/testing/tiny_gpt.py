@@ -83,9 +83,12 @@ def init_base_deterministic(model: torch.nn.Module, seed: int, std: float = 0.02
     tp = ps.get_tensor_model_parallel_world_size()
     rank = ps.get_tensor_model_parallel_rank()
     names = canonical_names(model)
+    modules = dict(model.named_modules())
+    norms = (torch.nn.LayerNorm, torch.nn.RMSNorm)
     for path, param in model.named_parameters():
         module_path, leaf = path.rsplit(".", 1)
-        if "layernorm" in module_path or "norm" in module_path.rsplit(".", 1)[-1]:
+        last = module_path.rsplit(".", 1)[-1]
+        if isinstance(modules[module_path], norms) or "norm" in last or last.startswith("ln_"):
             continue
         sharded = getattr(param, "tensor_model_parallel", False) and tp > 1
         dim = getattr(param, "partition_dim", 0) if sharded else None

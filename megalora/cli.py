@@ -1,0 +1,51 @@
+"""The ``megalora`` command: ``megalora train``, ``megalora plan``.
+
+    torchrun --nproc_per_node=2 -m megalora train --config launch/configs/umm_tiny.yaml
+    megalora plan --config launch/configs/emu2_37b.yaml --gpus 16 --gpu-memory 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _train(args) -> int:
+    import torch.distributed as dist
+
+    from megalora.umm.config import RunConfig
+    from megalora.umm.train import train
+
+    run = RunConfig.from_yaml(args.config, args.overrides)
+    import os
+
+    # megalora's one-line notices (kernel path, TE, resume) from rank 0 only
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0"
+                        else logging.WARNING, format="%(message)s")
+    try:
+        train(run)
+    finally:
+        from megatron.core import parallel_state as ps
+
+        if ps.is_initialized():
+            ps.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="megalora", description="multimodal LoRA for Megatron")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="fine-tune the UMM with LoRA (run under torchrun/srun)")
+    tr.add_argument("--config", required=True, help="run config YAML (launch/configs/*.yaml)")
+    tr.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=20")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return _train(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

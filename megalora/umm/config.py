@@ -1,0 +1,272 @@
+"""Run configuration of the UMM trainer: model, vision encoder, parallel layout, data, training.
+
+A run config is a small YAML file under ``launch/configs/`` with the sections ``model``,
+``vision`` (optional), ``parallel``, ``data``, ``lora``, ``train``; ``section.field=value``
+overrides come from the command line. Every field is validated; cross-field problems (a TP size
+that does not divide the heads, a sequence that cannot hold an image, ...) raise ``ValueError``
+naming the fields and what to change. Nothing here imports Megatron.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from megalora.config import LoRAConfig
+
+
+def _positive(section: str, obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{section}.{name} must be a positive int, got {value!r}")
+
+
+@dataclass
+class UMMModelConfig:
+    """The LLaMA-style decoder and its visual connectors (Emu2's layout)."""
+
+    num_layers: int = 4
+    """Transformer layers of the decoder."""
+    hidden_size: int = 64
+    """Model width."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads (GQA); None = num_attention_heads (MHA, as Emu2/LLaMA-33B)."""
+    ffn_hidden_size: int = 172
+    """SwiGLU inner width (per branch)."""
+    base_vocab: int = 64
+    """Text vocabulary; the 4 special tokens follow it, then padding for TP."""
+    max_seq_length: int = 64
+    """Longest sequence (RoPE table size)."""
+    image_tokens: int = 4
+    """N: ``<image>`` slots per image (Emu2: 64)."""
+    visual_dim: int = 16
+    """Dimension of a visual feature (Emu2's EVA-CLIP: 1792)."""
+    rope_base: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    image_loss: str = "mse"
+    """Visual regression loss: ``mse`` (mean over feature dims) or ``cosine`` (1 - cos)."""
+    text_loss_weight: float = 1.0
+    """Weight of the text cross-entropy in the summed loss."""
+    image_loss_weight: float = 1.0
+    """Weight of the image regression in the summed loss."""
+    init_std: float = 0.1
+    """Std of the random base init when no checkpoint is imported (tiny/test models)."""
+
+    def validate(self) -> None:
+        _positive("model", self, "num_layers", "hidden_size", "num_attention_heads",
+                  "ffn_hidden_size", "base_vocab", "max_seq_length", "image_tokens",
+                  "visual_dim")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                             f"model.num_attention_heads={self.num_attention_heads}")
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ValueError(f"model.num_attention_heads={self.num_attention_heads} is not "
+                             f"divisible by model.num_query_groups={groups}")
+        if self.image_loss not in ("mse", "cosine"):
+            raise ValueError(f"model.image_loss must be 'mse' or 'cosine', got "
+                             f"{self.image_loss!r}")
+        if self.text_loss_weight < 0 or self.image_loss_weight < 0:
+            raise ValueError("model.text_loss_weight and model.image_loss_weight must be >= 0")
+
+
+@dataclass
+class VisionConfig:
+    """An optional vision encoder in the loop (megatron-core's CLIP ViT), so that encoder-side
+    LoRA is possible. Its pooled output gives the ``<image>`` inputs."""
+
+    enabled: bool = False
+    """Run the encoder on the batch's pixels; otherwise features come precomputed."""
+    num_layers: int = 2
+    hidden_size: int = 16
+    """Encoder width; must equal model.visual_dim (its pooled tokens are the features)."""
+    num_attention_heads: int = 2
+    ffn_hidden_size: int = 64
+    image_size: int = 16
+    """Square input size in pixels."""
+    patch_size: int = 4
+    """Patch size; (image_size / patch_size)^2 patches are average-pooled to the N slots."""
+
+    def validate(self, model: UMMModelConfig) -> None:
+        if not self.enabled:
+            return
+        _positive("vision", self, "num_layers", "hidden_size", "num_attention_heads",
+                  "ffn_hidden_size", "image_size", "patch_size")
+        if self.hidden_size != model.visual_dim:
+            raise ValueError(f"vision.hidden_size={self.hidden_size} must equal "
+                             f"model.visual_dim={model.visual_dim}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision.patch_size={self.patch_size} does not divide "
+                             f"vision.image_size={self.image_size}")
+        grid, slots = self.image_size // self.patch_size, int(round(model.image_tokens ** 0.5))
+        if slots * slots != model.image_tokens or grid % slots:
+            raise ValueError(f"model.image_tokens={model.image_tokens} must be a square number "
+                             f"whose root divides the {grid}x{grid} patch grid")
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor, sequence and pipeline parallel sizes; data parallel is what remains."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+    """Split activations along the sequence between TP ranks (needs tensor_parallel > 1)."""
+    recompute: bool = False
+    """Full activation recompute of every layer."""
+
+    def validate(self, model: UMMModelConfig) -> None:
+        _positive("parallel", self, "tensor_parallel", "pipeline_parallel")
+        tp = self.tensor_parallel
+        if self.sequence_parallel and tp == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+        groups = model.num_query_groups or model.num_attention_heads
+        if model.num_attention_heads % tp or groups % tp:
+            raise ValueError(f"parallel.tensor_parallel={tp} must divide model."
+                             f"num_attention_heads={model.num_attention_heads} and the "
+                             f"{groups} query groups")
+        if model.ffn_hidden_size % tp:
+            raise ValueError(f"parallel.tensor_parallel={tp} must divide "
+                             f"model.ffn_hidden_size={model.ffn_hidden_size}")
+        if model.num_layers % self.pipeline_parallel:
+            raise ValueError(f"parallel.pipeline_parallel={self.pipeline_parallel} must divide "
+                             f"model.num_layers={model.num_layers}")
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from: a dataset directory, or synthetic data made on the fly."""
+
+    path: Optional[str] = None
+    """Directory with index.json (``python -m megalora.umm.convert`` writes one)."""
+    synthetic_samples: int = 512
+    """With no path: how many synthetic samples to generate."""
+    seq_length: int = 64
+    """Tokens per training sequence (samples are padded to it)."""
+    seed: int = 0
+    """Shuffling (and synthetic generation) seed."""
+    eval_samples: int = 64
+    """Held-out synthetic samples (a different seed) for evaluation."""
+
+    def validate(self, model: UMMModelConfig) -> None:
+        _positive("data", self, "seq_length")
+        if self.seq_length > model.max_seq_length:
+            raise ValueError(f"data.seq_length={self.seq_length} exceeds "
+                             f"model.max_seq_length={model.max_seq_length}")
+        if self.seq_length < model.image_tokens + 3:
+            raise ValueError(f"data.seq_length={self.seq_length} cannot hold one image "
+                             f"(model.image_tokens={model.image_tokens} + 2 markers + 1)")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = 60
+    micro_batch_size: int = 4
+    num_microbatches: int = 2
+    """Microbatches per step and data-parallel rank (gradient accumulation / pipeline depth)."""
+    lr: float = 5e-3
+    min_lr: float = 5e-4
+    """Floor of the cosine decay."""
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    seed: int = 0
+    """Base-model init and dropout seed."""
+    log_every: int = 5
+    save_every: int = 20
+    """Checkpoint every this many steps (0 = only at the end)."""
+    out_dir: str = "out/umm_tiny"
+    device: str = "auto"
+    """``cpu`` (gloo + CPU harness), ``cuda`` (NCCL, bf16) or ``auto``."""
+    bf16: bool = True
+    """bf16 base weights and activations on CUDA (adapters keep fp32 master copies)."""
+    resume: bool = True
+    """Continue from the newest checkpoint in out_dir when there is one."""
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        _positive("train", self, "steps", "micro_batch_size", "num_microbatches", "log_every")
+        if not 0 < self.min_lr <= self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} must be in (0, train.lr={self.lr}]")
+        if self.warmup_steps < 0 or self.save_every < 0 or self.clip_grad < 0:
+            raise ValueError("train.warmup_steps, train.save_every and train.clip_grad must "
+                             "be >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+
+
+SECTIONS = {"model": UMMModelConfig, "vision": VisionConfig, "parallel": ParallelConfig,
+            "data": DataConfig, "train": TrainConfig}
+
+
+@dataclass
+class RunConfig:
+    model: UMMModelConfig = field(default_factory=UMMModelConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(num_heads=2,
+                                                                routing="modality"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        self.model.validate()
+        self.vision.validate(self.model)
+        self.parallel.validate(self.model)
+        self.data.validate(self.model)
+        self.train.validate()
+        if self.lora.routing == "modality" and self.lora.num_heads < 2:
+            raise ValueError("lora.routing='modality' needs lora.num_heads >= 2 (text=0, image=1)")
+        if self.vision.enabled and self.lora.routing != "single" and \
+                "vision.*" not in self.lora.single_head_modules:
+            # the encoder sees image patches, not the LLM's tokens: one head, no routing there
+            self.lora = dataclasses.replace(
+                self.lora, single_head_modules=self.lora.single_head_modules + ("vision.*",))
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any]) -> "RunConfig":
+        unknown = sorted(set(raw) - set(SECTIONS) - {"lora"})
+        if unknown:
+            raise ValueError(f"unknown config section(s) {unknown}; expected "
+                             f"{sorted(list(SECTIONS) + ['lora'])}")
+        built = {}
+        if raw.get("lora") is not None:  # else the dataclass default (2 heads, modality)
+            built["lora"] = LoRAConfig.from_dict(raw["lora"])
+        for name, klass in SECTIONS.items():
+            values = dict(raw.get(name) or {})
+            names = {f.name for f in dataclasses.fields(klass)}
+            bad = sorted(set(values) - names)
+            if bad:
+                raise ValueError(f"unknown {name} field(s) {bad}; valid: {sorted(names)}")
+            built[name] = klass(**values)
+        return cls(**built)
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: Optional[List[str]] = None) -> "RunConfig":
+        import yaml
+
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+        for item in overrides or []:
+            key, eq, value = item.partition("=")
+            section, dot, name = key.partition(".")
+            if not eq or not dot:
+                raise ValueError(f"override {item!r} must look like section.field=value")
+            raw.setdefault(section, {})
+            raw[section] = dict(raw[section] or {})
+            raw[section][name] = yaml.safe_load(value)
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["lora"] = self.lora.to_dict()
+        return out

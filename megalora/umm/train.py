@@ -1,0 +1,325 @@
+"""``megalora train``: LoRA fine-tuning of the UMM with Megatron's own schedules.
+
+    torchrun --nproc_per_node=2 -m megalora train --config launch/configs/umm_tiny.yaml
+
+Each step runs ``num_microbatches`` microbatches per data-parallel rank through megatron-core's
+forward/backward schedule (no pipelining or 1F1B; on CPU inside the CPU harness), then one
+AdamW step on the adapters (``megalora.umm.optim``). Rank 0 shows a progress bar (text loss,
+image loss, tokens/s, ETA) and writes TensorBoard scalars. Checkpoints are periodic and atomic;
+a run restarts from the newest one (exact resume: adapter, optimizer, data position, dropout
+counters, LR step). SIGTERM (SLURM preemption) makes every rank finish the step, save and exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megalora.umm.config import RunConfig
+
+logger = logging.getLogger("megalora")
+
+
+class _Preemption:
+    """SIGTERM -> finish the current step, checkpoint, exit 0 (all ranks agree each step)."""
+
+    def __init__(self):
+        self.flag = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.flag else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _setup(run: RunConfig):
+    """Process group + model parallel state; returns the device."""
+    from megatron.core import parallel_state as ps
+
+    want = run.train.device
+    cuda = torch.cuda.is_available() if want == "auto" else want == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise RuntimeError("run under torchrun (or srun/mpirun with the rendezvous "
+                               "variables), e.g. torchrun --nproc_per_node=2 -m megalora train "
+                               "--config launch/configs/umm_tiny.yaml")
+        dist.init_process_group("nccl" if cuda else "gloo")
+    world, tp, pp = dist.get_world_size(), run.parallel.tensor_parallel, \
+        run.parallel.pipeline_parallel
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not divisible by parallel.tensor_parallel={tp} "
+                         f"x parallel.pipeline_parallel={pp}")
+    if not ps.is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                     pipeline_model_parallel_size=pp)
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def _datasets(run: RunConfig):
+    from megalora.umm.data import UMMDataset
+    from megalora.umm.synthetic import SyntheticSpec, synthetic_samples
+
+    m, d = run.model, run.data
+    dims = dict(base_vocab=m.base_vocab, image_tokens=m.image_tokens, visual_dim=m.visual_dim)
+    pixels = dict(with_pixels=run.vision.enabled, pixel_size=run.vision.image_size)
+    if d.path:
+        train = UMMDataset.open(d.path, **dims)
+    else:
+        train = UMMDataset.from_samples(synthetic_samples(SyntheticSpec(
+            num_samples=d.synthetic_samples, seq_length=d.seq_length, seed=d.seed, **dims,
+            **pixels)), **dims)
+    held_out = None
+    if d.eval_samples and not d.path:
+        held_out = UMMDataset.from_samples(synthetic_samples(SyntheticSpec(
+            num_samples=d.eval_samples, seq_length=d.seq_length, seed=d.seed + 1_000_003,
+            **dims, **pixels)), **dims)
+    return train, held_out
+
+
+def _streams(run: RunConfig, train, held_out):
+    from megatron.core import parallel_state as ps
+
+    from megalora.umm.data import DataStream
+
+    common = dict(micro_batch_size=run.train.micro_batch_size, seq_length=run.data.seq_length,
+                  special=train.special, dp_rank=ps.get_data_parallel_rank(),
+                  dp_size=ps.get_data_parallel_world_size())
+    stream = DataStream(train, seed=run.data.seed, **common)
+    evals = DataStream(held_out, seed=0, shuffle=False, **common) if held_out else None
+    return stream, evals
+
+
+def _forward_step_func(run: RunConfig):
+    import megalora
+    from megalora.testing.tiny_gpt import causal_mask
+
+    weights = {"text": run.model.text_loss_weight, "image": run.model.image_loss_weight}
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        if run.lora.routing == "modality":
+            megalora.set_head_ids(model, batch.modality)
+        mask = causal_mask(batch.tokens.shape[1]).to(batch.tokens.device)
+        out = model(batch, mask)
+
+        def loss_func(losses: Dict[str, torch.Tensor]):
+            loss = weights["text"] * losses["text"] + weights["image"] * losses["image"]
+            # clones: the schedule divides the returned loss in place by the microbatch count
+            report = {k: v.detach().clone() for k, v in losses.items()}
+            report["loss"] = loss.detach().clone()
+            return loss, report
+
+        return out, loss_func
+
+    return forward_step
+
+
+def _run_microbatches(model, run, batches, forward_only=False) -> List[dict]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=_forward_step_func(run), data_iterator=iter(batches), model=model,
+        num_microbatches=len(batches), seq_length=run.data.seq_length,
+        micro_batch_size=run.train.micro_batch_size, forward_only=forward_only)
+
+
+def _global_scalars(stats: Optional[dict], device) -> dict:
+    """Last-stage losses to every rank, averaged over data parallel."""
+    from megatron.core import parallel_state as ps
+
+    keys = ("text", "image", "loss", "text_tokens", "image_tokens")
+    t = torch.tensor([float(stats[k]) if stats else 0.0 for k in keys], dtype=torch.float64,
+                     device=device)
+    if dist.is_initialized():
+        dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        t[:3] /= ps.get_data_parallel_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def evaluate(model, run: RunConfig, stream, device, max_batches: int = 8) -> dict:
+    """Held-out text and image losses (forward only)."""
+    from megalora.umm.optim import loss_scalars
+
+    model.eval()
+    results = []
+    steps = min(max_batches, max(1, stream.steps_per_epoch))
+    with torch.no_grad():
+        for _ in range(steps):
+            results += _run_microbatches(model, run, [stream.next_batch().to(device)],
+                                         forward_only=True)
+    model.train()
+    return _global_scalars(loss_scalars(results), device)
+
+
+class _Logger:
+    """Rank-0 progress bar (tqdm) and TensorBoard scalars; silent elsewhere."""
+
+    def __init__(self, run: RunConfig, start: int, rank0: bool):
+        self.rank0, self.writer, self.bar = rank0, None, None
+        if not rank0:
+            return
+        from tqdm import tqdm
+
+        import sys
+
+        # a bar only on a terminal; logs (torchrun, SLURM) get the periodic lines below
+        self.bar = tqdm(total=run.train.steps, initial=start, desc="train", unit="step",
+                        dynamic_ncols=True, disable=not sys.stderr.isatty())
+        if run.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(run.train.out_dir, "tensorboard"))
+            except ImportError as exc:
+                logger.warning("megalora: TensorBoard logging off (%s)", exc)
+
+    def step(self, step: int, scalars: dict, lr: float, norm: float, tok_s: float,
+             every: int) -> None:
+        if not self.rank0:
+            return
+        self.bar.update(1)
+        self.bar.set_postfix(text=f"{scalars['text']:.3f}", image=f"{scalars['image']:.3f}",
+                             tok_s=f"{tok_s:.0f}")
+        if self.writer is not None:
+            for name in ("text", "image", "loss"):
+                self.writer.add_scalar(f"loss/{name}", scalars[name], step)
+            self.writer.add_scalar("train/lr", lr, step)
+            self.writer.add_scalar("train/grad_norm", norm, step)
+            self.writer.add_scalar("train/tokens_per_s", tok_s, step)
+        if step % every == 0 or step == 1:
+            self.message(f"step {step:5d}  text {scalars['text']:.4f}  image "
+                           f"{scalars['image']:.4f}  lr {lr:.2e}  grad {norm:.3f}  "
+                           f"{tok_s:.0f} tok/s")
+
+    def scalars(self, tag: str, values: dict, step: int) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{tag}/{name}", value, step)
+
+    def message(self, text: str) -> None:
+        if self.rank0:
+            if self.bar is not None and not self.bar.disable:
+                self.bar.write(text)
+            else:
+                print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _build(run: RunConfig, device):
+    import megalora
+    from megalora.umm.model import build_umm
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda and run.train.bf16 else torch.float32
+    model = build_umm(run, dtype=dtype, cpu=not cuda)
+    if cuda:
+        model.cuda()
+    report = megalora.apply_lora(model, run.lora)
+    return model, report
+
+
+def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
+    """Train per ``run``; returns {"losses": [...], "eval": {...}, "adapter": path, ...}.
+    ``max_steps_this_run`` > 0 stops (with a checkpoint) after that many steps of this
+    invocation, as a preemption would."""
+    from megatron.core import parallel_state as ps
+
+    from megalora.testing.cpu import cpu_megatron
+    from megalora.umm.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megalora.umm.optim import AdapterOptimizer, loss_scalars, lr_at
+
+    device = _setup(run)
+    rank0 = dist.get_rank() == 0
+    torch.manual_seed(run.train.seed)
+    harness = cpu_megatron() if device.type == "cpu" else contextlib.nullcontext()
+    preempt = _Preemption()
+    with harness:
+        model, report = _build(run, device)
+        if rank0:
+            print(report, flush=True)
+        optimizer = AdapterOptimizer(model, lr=run.train.lr, weight_decay=run.train.weight_decay,
+                                     clip_grad=run.train.clip_grad,
+                                     dp_group=ps.get_data_parallel_group(),
+                                     mp_group=ps.get_model_parallel_group())
+        train_set, held_out = _datasets(run)
+        stream, evals = _streams(run, train_set, held_out)
+        eval_start = evals.state_dict() if evals else None
+        start = 0
+        ckpt = latest_checkpoint(run.train.out_dir) if run.train.resume else None
+        if ckpt:
+            state = load_checkpoint(ckpt, model, optimizer)
+            stream.load_state_dict(state["stream"])
+            start = state["step"]
+        log = _Logger(run, start, rank0)
+        if ckpt:
+            log.message(f"resumed from {ckpt} at step {start}")
+        history, stop, step = [], False, start
+        tokens_per_step = run.train.micro_batch_size * run.train.num_microbatches * \
+            run.data.seq_length * ps.get_data_parallel_world_size()
+        for step in range(start + 1, run.train.steps + 1):
+            tick = time.time()
+            lr = lr_at(step - 1, lr=run.train.lr, min_lr=run.train.min_lr,
+                       warmup=run.train.warmup_steps, total=run.train.steps)
+            optimizer.zero_grad()
+            batches = [stream.next_batch().to(device) for _ in range(run.train.num_microbatches)]
+            stats = loss_scalars(_run_microbatches(model, run, batches))
+            norm = optimizer.step(lr)
+            scalars = _global_scalars(stats, device)
+            history.append(scalars)
+            log.step(step, scalars, lr, norm, tokens_per_step / max(time.time() - tick, 1e-9),
+                     run.train.log_every)
+            stop = preempt.agreed(device) or (max_steps_this_run and
+                                              step - start >= max_steps_this_run)
+            periodic = run.train.save_every and step % run.train.save_every == 0
+            if stop or periodic or step == run.train.steps:
+                save_checkpoint(run.train.out_dir, step, model, optimizer, stream.state_dict(),
+                                run.to_dict())
+            if stop:
+                log.message(f"stopping at step {step} (checkpoint saved); rerun to resume")
+                break
+        result = {"losses": history, "step": step, "stopped_early": bool(stop)}
+        if not stop:
+            result.update(_finish(run, model, evals, eval_start, device, log))
+        log.close()
+    preempt.restore()
+    return result
+
+
+def _finish(run: RunConfig, model, evals, eval_start, device, log) -> dict:
+    import megalora
+
+    out = {}
+    if evals is not None:
+        evals.load_state_dict(eval_start)
+        out["eval"] = evaluate(model, run, evals, device)
+        log.scalars("eval", out["eval"], run.train.steps)
+        log.message(f"held-out: text {out['eval']['text']:.4f}  image {out['eval']['image']:.4f}")
+    out["adapter"] = os.path.join(run.train.out_dir, "adapter.safetensors")
+    megalora.save_adapter(model, out["adapter"], extra={"steps": str(run.train.steps)})
+    log.message(f"adapter saved to {out['adapter']}")
+    return out
