@@ -72,11 +72,14 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "pyyaml>=6",
+        "tqdm>=4.60",
     ],
     extras_require={
         "test": ["pytest>=8"],
         # CUDA builds of torch already depend on a matching triton; CPU-only installs that want
         # the kernel tests (TRITON_INTERPRET=1) add it explicitly.
         "triton": ["triton>=3.2"],
+        "hf": ["transformers>=4.45", "peft>=0.13"],
+        "tensorboard": ["tensorboard>=2.10"],
     },
 )
