@@ -5,9 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.megalora-installed
 NPROC ?= 2
-CONFIG ?= launch/configs/gpt_tiny.yaml
+CONFIG ?= launch/configs/umm_tiny.yaml
 
-.PHONY: setup demo test clean
+.PHONY: setup demo demo-gpt test clean
 
 $(STAMP): requirements/ci.txt setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,10 @@ $(STAMP): requirements/ci.txt setup.py $(wildcard csrc/*)
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m megalora.demo --config $(CONFIG)
+	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m megalora train --config $(CONFIG) train.resume=false
+
+demo-gpt: $(STAMP)
+	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m megalora.demo --config launch/configs/gpt_tiny.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

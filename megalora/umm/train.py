@@ -303,6 +303,16 @@ def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
                 log.message(f"stopping at step {step} (checkpoint saved); rerun to resume")
                 break
         result = {"losses": history, "step": step, "stopped_early": bool(stop)}
+        if len(history) >= 2:
+            k = min(5, len(history) // 2)
+            mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+            log.message(f"text loss {mean(history[:k], 'text'):.3f} -> "
+                        f"{mean(history[-k:], 'text'):.3f}, image loss "
+                        f"{mean(history[:k], 'image'):.3f} -> {mean(history[-k:], 'image'):.3f} "
+                        f"(means of the first/last {k} steps of this run)")
+        elif start >= run.train.steps:
+            log.message(f"train.steps={run.train.steps} already reached at {ckpt}; nothing to "
+                        "train (new train.out_dir or train.resume=false to start over)")
         if not stop:
             result.update(_finish(run, model, evals, eval_start, device, log))
         log.close()

@@ -1,0 +1,176 @@
+"""The UMM trainer on CPU: both losses fall at TP=2+SP and PP=2, resume is exact, SIGTERM saves
+and exits cleanly, the in-loop vision encoder trains, and layouts agree on the losses."""
+
+import glob
+import os
+
+import pytest
+import torch
+
+from megalora.testing.dist import run_distributed
+from megalora.umm.config import RunConfig
+
+
+def _run(tmp, steps, **over):
+    raw = {"parallel": over.pop("parallel", {}),
+           "train": {"steps": steps, "out_dir": str(tmp), "log_every": 100, "save_every": 0,
+                     "device": "cpu", "warmup_steps": 3, **over.pop("train", {})},
+           "data": {"synthetic_samples": 256, "eval_samples": 32, **over.pop("data", {})},
+           **over}
+    return RunConfig.from_dict(raw)
+
+
+def _train_worker(rank, world, run, max_steps=0):
+    from megalora.umm.train import train
+
+    return train(run, max_steps_this_run=max_steps)
+
+
+def _fell(losses, key, factor):
+    first = sum(x[key] for x in losses[:5]) / 5
+    last = sum(x[key] for x in losses[-5:]) / 5
+    return last < factor * first, (first, last)
+
+
+@pytest.mark.parametrize("layout", [
+    {"tensor_parallel": 2, "sequence_parallel": True},
+    {"pipeline_parallel": 2},
+], ids=["tp2-sp", "pp2"])
+def test_both_losses_fall(tmp_path, layout):
+    run = _run(tmp_path, 40, parallel=layout)
+    result = run_distributed(2, _train_worker, (run,))[0]
+    ok_text, text = _fell(result["losses"], "text", 0.6)
+    ok_image, image = _fell(result["losses"], "image", 0.7)
+    assert ok_text, f"text loss {text}"
+    assert ok_image, f"image loss {image}"
+    assert result["eval"]["text"] < text[0] and result["eval"]["image"] < image[0]
+    events = glob.glob(os.path.join(tmp_path, "tensorboard", "events.*"))
+    assert events, "no TensorBoard event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(events[0]).Reload().Tags()["scalars"]
+    assert {"loss/text", "loss/image", "eval/text", "eval/image"} <= set(tags)
+
+
+def _adapter(path):
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def test_resume_is_exact(tmp_path):
+    layout = {"tensor_parallel": 2, "sequence_parallel": True}
+    full = _run(tmp_path / "full", 12, parallel=layout, lora={"num_heads": 2,
+                "routing": "modality", "dropout": 0.1})
+    run_distributed(2, _train_worker, (full,))
+    split = _run(tmp_path / "split", 12, parallel=layout, lora={"num_heads": 2,
+                 "routing": "modality", "dropout": 0.1})
+    first = run_distributed(2, _train_worker, (split, 5))[0]
+    assert first["stopped_early"] and first["step"] == 5
+    second = run_distributed(2, _train_worker, (split,))[0]
+    assert not second["stopped_early"] and second["losses"]  # continued from step 5
+    a = _adapter(os.path.join(tmp_path / "full", "adapter.safetensors"))
+    b = _adapter(os.path.join(tmp_path / "split", "adapter.safetensors"))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-7), key
+
+
+def _sigterm_worker(rank, world, run):
+    import signal
+    import threading
+
+    from megalora.umm.train import train
+
+    if rank == 0:  # preemption hits one rank; every rank must stop at the same step
+        threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    return train(run)
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path):
+    run = _run(tmp_path, 10_000, parallel={"tensor_parallel": 2})
+    results = run_distributed(2, _sigterm_worker, (run,))
+    assert all(r["stopped_early"] for r in results)
+    assert results[0]["step"] == results[1]["step"] < 10_000
+    from megalora.umm.checkpointing import latest_checkpoint
+    assert latest_checkpoint(str(tmp_path)).endswith(f"step_{results[0]['step']:06d}")
+
+
+def test_in_loop_vision_encoder_trains_with_its_own_lora(tmp_path):
+    run = _run(tmp_path, 30, vision={"enabled": True},
+               lora={"num_heads": 2, "routing": "modality",
+                     "target_modules": ["linear_qkv", "linear_proj", "linear_fc1",
+                                        "linear_fc2"]})
+    assert "vision.*" in run.lora.single_head_modules
+    result = run_distributed(1, _train_worker, (run,))[0]
+    ok, text = _fell(result["losses"], "text", 0.7)
+    assert ok, text
+    adapter = _adapter(result["adapter"])
+    vision_b = [v for k, v in adapter.items() if k.startswith("vision.") and k.endswith("lora_B")]
+    assert vision_b and all(v.shape[0] == 1 for v in vision_b)  # one head in the encoder
+    assert any(v.abs().max() > 0 for v in vision_b)  # the encoder's adapters learned
+
+
+def _step_losses(rank, world, run):
+    import megalora
+    from megatron.core import parallel_state as ps
+
+    from megalora.umm.optim import loss_scalars
+    from megalora.umm.train import _datasets, _run_microbatches, _streams
+    from megalora.umm.model import build_umm
+
+    p = run.parallel
+    ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor_parallel,
+                                 pipeline_model_parallel_size=p.pipeline_parallel)
+    model = build_umm(run)
+    megalora.apply_lora(model, run.lora)
+    stream, _ = _streams(run, *_datasets(run))
+    stats = loss_scalars(_run_microbatches(model, run, [stream.next_batch()
+                                                        for _ in range(2)]))
+    megalora.finalize_lora_grads(model)
+    from megalora.grads import full_lora_grads
+    return stats, full_lora_grads(model)
+
+
+def test_layouts_agree_on_losses_and_gradients(tmp_path):
+    lora = {"num_heads": 2, "routing": "modality", "init_b": "gaussian", "dropout": 0.1}
+    ref, ref_grads = run_distributed(1, _step_losses, (_run(tmp_path, 1, lora=lora),))[0]
+    for layout in ({"tensor_parallel": 2, "sequence_parallel": True}, {"pipeline_parallel": 2}):
+        results = run_distributed(2, _step_losses, (_run(tmp_path, 1, parallel=layout,
+                                                         lora=lora),))
+        stats = next(s for s, _ in results if s is not None)
+        for key in ("text", "image"):
+            assert stats[key] == pytest.approx(ref[key], rel=1e-5), (layout, key)
+        grads = {}
+        for _, g in results:
+            grads.update(g)
+        assert sorted(grads) == sorted(ref_grads)
+        for key, value in ref_grads.items():
+            assert torch.allclose(grads[key], value, rtol=1e-4,
+                                  atol=1e-4 * value.abs().max().item()), (layout, key)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"parallel": {"tensor_parallel": 3}}, r"parallel.tensor_parallel=3 must divide"),
+    ({"parallel": {"pipeline_parallel": 3}}, r"parallel.pipeline_parallel=3 must divide "
+                                             r"model.num_layers=4"),
+    ({"data": {"seq_length": 6}}, r"data.seq_length=6 cannot hold one image"),
+    ({"data": {"seq_length": 128}}, r"data.seq_length=128 exceeds model.max_seq_length=64"),
+    ({"model": {"hidden_sz": 64}}, r"unknown model field\(s\) \['hidden_sz'\]"),
+    ({"vision": {"enabled": True, "hidden_size": 32}}, r"vision.hidden_size=32 must equal "
+                                                       r"model.visual_dim=16"),
+    ({"parallel": {"sequence_parallel": True}}, r"sequence_parallel needs"),
+    ({"train": {"min_lr": 1.0}}, r"train.min_lr=1.0"),
+    ({"trian": {}}, r"unknown config section\(s\) \['trian'\]"),
+])
+def test_impossible_configs_name_the_field(raw, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_dict(raw)
+
+
+def test_dataset_that_does_not_match_the_model(tmp_path):
+    from megalora.umm.synthetic import SyntheticSpec, write_synthetic
+    from megalora.umm.train import _datasets
+
+    write_synthetic(SyntheticSpec(num_samples=8, visual_dim=8), str(tmp_path / "data"))
+    run = RunConfig.from_dict({"data": {"path": str(tmp_path / "data")}})
+    with pytest.raises(ValueError, match="model.visual_dim"):
+        _datasets(run)
