@@ -174,3 +174,17 @@ def test_dataset_that_does_not_match_the_model(tmp_path):
     run = RunConfig.from_dict({"data": {"path": str(tmp_path / "data")}})
     with pytest.raises(ValueError, match="model.visual_dim"):
         _datasets(run)
+
+
+@pytest.mark.parametrize("layout", [{"tensor_parallel": 2, "sequence_parallel": True},
+                                    {"pipeline_parallel": 2}], ids=["tp2-sp", "pp2"])
+def test_megatron_and_torch_optimizers_agree(tmp_path, layout):
+    """megatron-core's DDP + optimizer and megalora's AdamW-on-masters take the same steps."""
+    adapters = {}
+    for name in ("megatron", "torch"):
+        run = _run(tmp_path / name, 8, parallel=layout, train={"optimizer": name})
+        result = run_distributed(2, _train_worker, (run,))[0]
+        adapters[name] = _adapter(result["adapter"])
+    for key, value in adapters["torch"].items():
+        assert torch.allclose(adapters["megatron"][key], value, rtol=1e-4,
+                              atol=1e-5 * max(1.0, value.abs().max().item())), key

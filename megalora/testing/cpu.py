@@ -15,7 +15,7 @@ only while its context is open (nothing happens at import), and restores them on
    ``torch.cuda.current_device()`` and calls ``torch.cuda.synchronize()``: the module sees a
    ``torch.cuda`` whose ``current_device`` is the CPU and whose ``synchronize`` does nothing.
 
-Five more, needed only by features those four do not reach:
+Six more, needed only by features those four do not reach:
 
 5. sequence parallelism: ``megatron/core/tensor_parallel/mappings.py`` (``_gather_along_first_dim``,
    ``_reduce_scatter_along_first_dim``) and ``tensor_parallel/layers.py`` (the SP all-gather in
@@ -29,7 +29,12 @@ Five more, needed only by features those four do not reach:
 8. vision: ``megatron/core/models/vision/clip_vit_model.py`` builds its position ids with
    ``torch.arange(...).cuda()`` in ``CLIPViTModel.__init__``: ``Tensor.cuda`` returns the tensor
    itself (a CPU-only process could not move anything to a GPU anyway).
-9. grad-norm: ``megatron/core/optimizer/clip_grads.py`` builds its accumulators with
+9. Megatron's DDP and optimizer: ``distributed/param_and_grad_buffer.py``,
+   ``distributed/distributed_data_parallel.py`` and ``optimizer/optimizer.py`` allocate buffers
+   and flags with ``device="cuda"`` / ``torch.cuda.current_device()``: those modules see the CPU
+   ``torch`` of 3/4; and ``optimizer.clip_grad_by_total_norm_fp32`` (it asserts
+   ``torch.cuda.FloatTensor`` gradients) becomes the same scaling without the assertion.
+10. grad-norm: ``megatron/core/optimizer/clip_grads.py`` builds its accumulators with
    ``device='cuda'`` and, without apex/TE, its l2-norm is ``megatron/core/utils.py``
    ``local_multi_tensor_l2_norm``, which returns ``torch.tensor(..., device="cuda")``: the module
    sees a ``torch`` whose allocations ignore ``device`` and the same l2-norm on the CPU.
@@ -75,6 +80,16 @@ def _cpu_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     return total.reshape(1), None
 
 
+def _cpu_clip(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """``clip_grad_by_total_norm_fp32`` without its CUDA-tensor assertion."""
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0:
+        for param in parameters:
+            grad = getattr(param, "decoupled_grad" if use_decoupled_grad else "grad", None)
+            if grad is not None:
+                grad.detach().mul_(coeff)
+
+
 def _patches() -> List[Tuple[object, str, object]]:
     utils = importlib.import_module("megatron.core.utils")
     random = importlib.import_module("megatron.core.tensor_parallel.random")
@@ -84,6 +99,9 @@ def _patches() -> List[Tuple[object, str, object]]:
     mappings = importlib.import_module("megatron.core.tensor_parallel.mappings")
     layers = importlib.import_module("megatron.core.tensor_parallel.layers")
     rope = importlib.import_module("megatron.core.models.common.embeddings.rotary_pos_embedding")
+    ddp = [importlib.import_module(f"megatron.core.{name}") for name in (
+        "distributed.param_and_grad_buffer", "distributed.distributed_data_parallel",
+        "optimizer.optimizer")]
 
     def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
         return torch.empty(tensor_shape, dtype=dtype)
@@ -100,9 +118,10 @@ def _patches() -> List[Tuple[object, str, object]]:
         (random, "_set_cuda_rng_state", lambda *a, **k: None),                      # 6
         (rope, "torch", _DeviceAgnosticTorch()),                                    # 7
         (torch.Tensor, "cuda", lambda self, *a, **k: self),                         # 8
-        (clip, "torch", _DeviceAgnosticTorch()),                                    # 9
-        (clip, "l2_norm_impl", _cpu_l2_norm),                                       # 9
-    ]
+        (ddp[2], "clip_grad_by_total_norm_fp32", _cpu_clip),                        # 9
+        (clip, "torch", _DeviceAgnosticTorch()),                                    # 10
+        (clip, "l2_norm_impl", _cpu_l2_norm),                                       # 10
+    ] + [(module, "torch", _DeviceAgnosticTorch()) for module in ddp]              # 9
 
 
 _active = 0

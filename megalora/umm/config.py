@@ -189,6 +189,9 @@ class TrainConfig:
     """``cpu`` (gloo + CPU harness), ``cuda`` (NCCL, bf16) or ``auto``."""
     bf16: bool = True
     """bf16 base weights and activations on CUDA (adapters keep fp32 master copies)."""
+    optimizer: str = "megatron"
+    """``megatron`` (megatron-core's DDP + optimizer; on CPU through the harness) or ``torch``
+    (AdamW with fp32 masters and megalora's own gradient reductions)."""
     resume: bool = True
     """Continue from the newest checkpoint in out_dir when there is one."""
     tensorboard: bool = True
@@ -200,6 +203,9 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.save_every < 0 or self.clip_grad < 0:
             raise ValueError("train.warmup_steps, train.save_every and train.clip_grad must "
                              "be >= 0")
+        if self.optimizer not in ("megatron", "torch"):
+            raise ValueError(f"train.optimizer must be megatron or torch, got "
+                             f"{self.optimizer!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -133,7 +133,9 @@ class UMMModel(torch.nn.Module):
             max_sequence_length=m.max_seq_length, pre_process=pre_process,
             post_process=post_process, share_embeddings_and_output_weights=False,
             position_embedding_type="rope", rotary_base=m.rope_base)
-        self.model_type = self.llm.model_type  # read by Megatron's schedules
+        # read by Megatron's schedules and finalize_model_grads through the DDP wrapper
+        self.model_type = self.llm.model_type
+        self.share_embeddings_and_output_weights = False
         self.vision = None
         if pre_process:
             self.project_up = torch.nn.Linear(m.visual_dim, m.hidden_size, bias=False, dtype=dtype)

@@ -121,3 +121,48 @@ def loss_scalars(losses: List[dict]) -> Optional[Dict[str, float]]:
         / max(n_image, 1),
         "loss": sum(float(d["loss"]) for d in losses) / len(losses),
         "text_tokens": n_text, "image_tokens": n_image}
+
+
+class MegatronAdapterOptimizer:
+    """The same interface on megatron-core's machinery: the stage wrapped in its
+    ``DistributedDataParallel`` (gradient buffers for the adapters only, since they are the only
+    trainable parameters), ``finalize_model_grads`` (DP reduction, and the TP sum of the
+    sequence-parallel partial gradients from their ``sequence_parallel`` flag) and
+    ``get_megatron_optimizer`` (Adam, fp32 main params for bf16 adapters, clipping with each
+    factor counted once). Run the forward through ``module``."""
+
+    def __init__(self, model, transformer_config, *, lr: float, weight_decay: float = 0.0,
+                 clip_grad: float = 0.0, bf16: bool = False):
+        from megatron.core.distributed import (DistributedDataParallel,
+                                               DistributedDataParallelConfig)
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        self.module = DistributedDataParallel(
+            config=transformer_config, module=model,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+        self.opt = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay,
+                            clip_grad=clip_grad, bf16=bf16,
+                            params_dtype=torch.bfloat16 if bf16 else torch.float32),
+            [self.module])
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad_buffer()
+        self.opt.zero_grad()
+
+    def step(self, lr: float) -> float:
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.module])
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        ok, norm, _ = self.opt.step()
+        if not ok:
+            raise FloatingPointError("megatron optimizer skipped the step (inf/nan gradients)")
+        return float(norm) if norm is not None else 0.0
+
+    def state_dict(self) -> Dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.opt.load_state_dict(state)

@@ -243,6 +243,24 @@ def _build(run: RunConfig, device):
     return model, report
 
 
+def _optimizer(run: RunConfig, model, device):
+    """(optimizer, module to run the forward through) per ``train.optimizer``."""
+    from megatron.core import parallel_state as ps
+
+    from megalora.umm.optim import AdapterOptimizer, MegatronAdapterOptimizer
+
+    t = run.train
+    if t.optimizer == "megatron":
+        opt = MegatronAdapterOptimizer(model, model.config, lr=t.lr, weight_decay=t.weight_decay,
+                                       clip_grad=t.clip_grad,
+                                       bf16=model.config.params_dtype == torch.bfloat16)
+        return opt, opt.module
+    opt = AdapterOptimizer(model, lr=t.lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
+                           dp_group=ps.get_data_parallel_group(),
+                           mp_group=ps.get_model_parallel_group())
+    return opt, model
+
+
 def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
     """Train per ``run``; returns {"losses": [...], "eval": {...}, "adapter": path, ...}.
     ``max_steps_this_run`` > 0 stops (with a checkpoint) after that many steps of this
@@ -251,7 +269,7 @@ def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
 
     from megalora.testing.cpu import cpu_megatron
     from megalora.umm.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-    from megalora.umm.optim import AdapterOptimizer, loss_scalars, lr_at
+    from megalora.umm.optim import loss_scalars, lr_at
 
     device = _setup(run)
     rank0 = dist.get_rank() == 0
@@ -262,10 +280,7 @@ def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
         model, report = _build(run, device)
         if rank0:
             print(report, flush=True)
-        optimizer = AdapterOptimizer(model, lr=run.train.lr, weight_decay=run.train.weight_decay,
-                                     clip_grad=run.train.clip_grad,
-                                     dp_group=ps.get_data_parallel_group(),
-                                     mp_group=ps.get_model_parallel_group())
+        optimizer, runner = _optimizer(run, model, device)
         train_set, held_out = _datasets(run)
         stream, evals = _streams(run, train_set, held_out)
         eval_start = evals.state_dict() if evals else None
@@ -287,7 +302,7 @@ def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
                        warmup=run.train.warmup_steps, total=run.train.steps)
             optimizer.zero_grad()
             batches = [stream.next_batch().to(device) for _ in range(run.train.num_microbatches)]
-            stats = loss_scalars(_run_microbatches(model, run, batches))
+            stats = loss_scalars(_run_microbatches(runner, run, batches))
             norm = optimizer.step(lr)
             scalars = _global_scalars(stats, device)
             history.append(scalars)
@@ -314,7 +329,7 @@ def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
             log.message(f"train.steps={run.train.steps} already reached at {ckpt}; nothing to "
                         "train (new train.out_dir or train.resume=false to start over)")
         if not stop:
-            result.update(_finish(run, model, evals, eval_start, device, log))
+            result.update(_finish(run, runner, evals, eval_start, device, log))
         log.close()
     preempt.restore()
     return result
