@@ -1,4 +1,5 @@
-"""The ``megalora`` command: ``megalora train``, ``megalora plan``.
+"""The ``megalora`` command: ``megalora train``, ``megalora plan``, ``megalora export-peft``,
+``megalora export-merged``.
 
     torchrun --nproc_per_node=2 -m megalora train --config launch/configs/umm_tiny.yaml
     megalora plan --config launch/configs/emu2_37b.yaml --gpus 16 --gpu-memory 80
@@ -41,9 +42,17 @@ def main(argv=None) -> int:
     tr = sub.add_parser("train", help="fine-tune the UMM with LoRA (run under torchrun/srun)")
     tr.add_argument("--config", required=True, help="run config YAML (launch/configs/*.yaml)")
     tr.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=20")
+    from megalora.umm import hf, planner
+
+    planner.add_parser(sub)
+    hf.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args)
+    if args.command == "plan":
+        return planner.run(args)
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args)
     return 2
 
 

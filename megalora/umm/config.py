@@ -57,6 +57,10 @@ class UMMModelConfig:
     """Weight of the image regression in the summed loss."""
     init_std: float = 0.1
     """Std of the random base init when no checkpoint is imported (tiny/test models)."""
+    hf_checkpoint: Optional[str] = None
+    """A LLaMA-architecture Hugging Face checkpoint directory (config.json + safetensors) whose
+    weights replace the random base (``megalora.umm.hf.import_llama``); its config must match
+    the fields above. The visual connectors keep their init."""
 
     def validate(self) -> None:
         _positive("model", self, "num_layers", "hidden_size", "num_attention_heads",
@@ -230,6 +234,13 @@ class RunConfig:
         self.parallel.validate(self.model)
         self.data.validate(self.model)
         self.train.validate()
+        tp = self.parallel.tensor_parallel
+        if self.vision.enabled and (self.vision.num_attention_heads % tp
+                                    or self.vision.ffn_hidden_size % tp):
+            raise ValueError(f"parallel.tensor_parallel={tp} must divide vision."
+                             f"num_attention_heads={self.vision.num_attention_heads} and vision."
+                             f"ffn_hidden_size={self.vision.ffn_hidden_size} (the encoder shares "
+                             "the decoder's TP group)")
         if self.lora.routing == "modality" and self.lora.num_heads < 2:
             raise ValueError("lora.routing='modality' needs lora.num_heads >= 2 (text=0, image=1)")
         if self.vision.enabled and self.lora.routing != "single" and \

@@ -48,7 +48,7 @@ def llm_transformer_config(run: RunConfig, dtype: torch.dtype, cpu: bool):
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
         ffn_hidden_size=m.ffn_hidden_size, normalization="RMSNorm", layernorm_epsilon=m.norm_eps,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+        bias_activation_fusion=True, masked_softmax_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, attention_dropout=0.0, hidden_dropout=0.0,
         tensor_model_parallel_size=p.tensor_parallel, pipeline_model_parallel_size=p.pipeline_parallel,
         sequence_parallel=p.sequence_parallel, params_dtype=dtype, pipeline_dtype=dtype,
@@ -156,9 +156,12 @@ class UMMModel(torch.nn.Module):
         layer_spec = spec.layer_specs[0] if hasattr(spec, "layer_specs") else spec
         norm = SequenceParallelTorchNorm if not _have_te() else None
         kwargs = dict(ln_pre_impl=norm, ln_post_impl=norm) if norm is not None else {}
-        return CLIPViTModel(vcfg, layer_spec, add_class_token=True, class_token_len=1,
-                            patch_dim=run.vision.patch_size, img_h=run.vision.image_size,
-                            img_w=run.vision.image_size, **kwargs)
+        vit = CLIPViTModel(vcfg, layer_spec, add_class_token=True, class_token_len=1,
+                           patch_dim=run.vision.patch_size, img_h=run.vision.image_size,
+                           img_w=run.vision.image_size, **kwargs)
+        # its conv1 and class token are made in fp32 whatever params_dtype says (megatron wraps
+        # the model in Float16Module for that); one dtype for the whole encoder instead
+        return vit.to(dtype)
 
     # ------------------------------------------------------------------ pipeline plumbing
     def set_input_tensor(self, input_tensor) -> None:

@@ -237,6 +237,9 @@ def _build(run: RunConfig, device):
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda and run.train.bf16 else torch.float32
     model = build_umm(run, dtype=dtype, cpu=not cuda)
+    if run.model.hf_checkpoint:  # the pretrained base, before the adapters are added
+        from megalora.umm.hf import import_llama
+        import_llama(model, run.model.hf_checkpoint)
     if cuda:
         model.cuda()
     report = megalora.apply_lora(model, run.lora)
@@ -251,9 +254,18 @@ def _optimizer(run: RunConfig, model, device):
 
     t = run.train
     if t.optimizer == "megatron":
+        # Megatron picks its optimizer class from the trainable parameters' dtype: bf16 ones
+        # get fp32 main copies (also with an fp32 base and lora.dtype=bfloat16)
+        dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+        if torch.float16 in dtypes:
+            raise ValueError("lora.dtype=float16 needs loss scaling, which train.optimizer="
+                             "megatron is not set up for here: use lora.dtype=bfloat16 or "
+                             "train.optimizer=torch")
+        if torch.bfloat16 in dtypes and device.type != "cuda":
+            raise ValueError("megatron-core's mixed-precision optimizer takes CUDA tensors only: "
+                             "on CPU use train.optimizer=torch with bf16 adapters (lora.dtype)")
         opt = MegatronAdapterOptimizer(model, model.config, lr=t.lr, weight_decay=t.weight_decay,
-                                       clip_grad=t.clip_grad,
-                                       bf16=model.config.params_dtype == torch.bfloat16)
+                                       clip_grad=t.clip_grad, bf16=torch.bfloat16 in dtypes)
         return opt, opt.module
     opt = AdapterOptimizer(model, lr=t.lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
                            dp_group=ps.get_data_parallel_group(),

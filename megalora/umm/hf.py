@@ -1,0 +1,430 @@
+"""Hugging Face interop of the UMM: import LLaMA weights, export PEFT adapters and merged models.
+
+- ``import_llama(model, dir)``: a LLaMA-architecture checkpoint (config.json + safetensors,
+  sharded or not) into this rank's stage at any TP/PP layout; each rank reads only its tensors.
+- ``export_peft(model, out_dir, head)``: the adapter as PEFT LoRA for ``LlamaForCausalLM``.
+- ``export_merged(model, out_dir, head)``: ``LlamaForCausalLM`` weights with the LoRA folded in.
+- ``megalora export-peft`` / ``megalora export-merged`` (``add_parsers``).
+
+Layouts and names are converted by ``megalora.umm.hf_layout``; each TP rank keeps its slice by
+the parameter's own Megatron partition dim and stride. Exports gather shards over TP and stages
+over PP; global rank 0 writes (atomically: a temporary file, then a rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megalora.sharding import FactorSharding, shard, unshard
+from megalora.umm.hf_layout import (LORA_FACTORS, check_llama_config, hf_entry, join,
+                                    llama_config, merged_tensors, peft_adapter_config,
+                                    peft_tensors)
+
+logger = logging.getLogger("megalora")
+
+
+# ---------------------------------------------------------------------- reading a checkpoint
+class _SafetensorsReader:
+    """Reads named tensors from a (possibly sharded) safetensors checkpoint directory."""
+
+    def __init__(self, path: str):
+        self.path, self._open = path, {}
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as fh:
+                self.where = json.load(fh)["weight_map"]
+            return
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path!r} has no *.safetensors files (a pytorch_model.bin "
+                                    "checkpoint must be converted to safetensors first)")
+        self.where = {key: f for f in files for key in self._file(f).keys()}
+
+    def _file(self, name: str):
+        if name not in self._open:
+            from safetensors import safe_open
+
+            full = os.path.join(self.path, name)
+            try:
+                self._open[name] = safe_open(full, framework="pt")
+            except Exception as exc:
+                raise ValueError(f"checkpoint file {full!r} is not a readable safetensors file "
+                                 f"(missing, truncated or corrupt?): {exc}") from exc
+        return self._open[name]
+
+    def get(self, name: str, needed_for: str) -> torch.Tensor:
+        if name not in self.where:
+            raise ValueError(f"checkpoint {self.path!r} has no tensor {name!r} (needed for "
+                             f"{needed_for}); is it a complete LLaMA-architecture checkpoint?")
+        try:
+            return self._file(self.where[name]).get_tensor(name)
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"checkpoint {self.path!r}: cannot read {name!r} from "
+                             f"{self.where[name]!r} (corrupt file?): {exc}") from exc
+
+
+class _DictReader:
+    def __init__(self, state: Dict[str, torch.Tensor]):
+        self.state = state
+
+    def get(self, name: str, needed_for: str) -> torch.Tensor:
+        if name not in self.state:
+            raise ValueError(f"state dict has no tensor {name!r} (needed for {needed_for})")
+        return self.state[name]
+
+
+def _tp() -> Tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    if not ps.is_initialized():
+        return 1, 0
+    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+
+
+def _param_spec(param) -> FactorSharding:
+    """How Megatron split ``param`` over TP (dim None = replicated)."""
+    if getattr(param, "tensor_model_parallel", False) and _tp()[0] > 1:
+        return FactorSharding(getattr(param, "partition_dim", 0),
+                              getattr(param, "partition_stride", 1) or 1)
+    return FactorSharding(None)
+
+
+def _base_params(model):
+    """(canonical name, conversion kind, HF names, parameter) of every LLaMA-mapped base
+    parameter of this stage, in module order (the same on every TP rank)."""
+    from megalora.inject import canonical_names
+
+    names = canonical_names(model)
+    for path, param in model.named_parameters():
+        module_path, leaf = path.rsplit(".", 1)
+        if leaf in LORA_FACTORS:
+            continue
+        canonical = f"{names[module_path]}.{leaf}"
+        entry = hf_entry(canonical)
+        if entry is not None:
+            yield canonical, entry[0], entry[1], param
+
+
+def import_llama(model, path_or_state, hf_config: Optional[dict] = None) -> List[str]:
+    """Load LLaMA weights into this rank's stage of ``model`` (a ``UMMModel``) in place.
+
+    ``path_or_state``: a checkpoint directory (config.json + safetensors) or an HF state dict
+    (then ``hf_config``, if given, is validated). Only the tensors of this stage are read. The
+    visual connectors and the vision encoder keep their init. Returns the loaded canonical
+    names. A tied checkpoint (``tie_word_embeddings``) fills the output layer from the
+    embedding.
+    """
+    m = model.run.model
+    if isinstance(path_or_state, (str, os.PathLike)):
+        path = os.fspath(path_or_state)
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{path!r} is not a Hugging Face checkpoint directory "
+                                    "(no config.json)")
+        with open(cfg_path) as fh:
+            hf_config = json.load(fh)
+        reader = _SafetensorsReader(path)
+    else:
+        reader = _DictReader(path_or_state)
+    if hf_config is not None:
+        check_llama_config(hf_config, m)
+    tied = bool((hf_config or {}).get("tie_word_embeddings", False))
+    tp, rank = _tp()
+    padded = model.llm.vocab_size
+    loaded = []
+    with torch.no_grad():
+        for canonical, kind, hf_names, param in _base_params(model):
+            if tied and hf_names == ("lm_head.weight",):
+                hf_names = ("model.embed_tokens.weight",)
+            full = join(kind, [reader.get(n, canonical) for n in hf_names], m, padded)
+            local = shard(full, _param_spec(param), rank, tp)
+            if local.shape != param.shape:
+                raise ValueError(f"{canonical}: the checkpoint gives {tuple(full.shape)} (this "
+                                 f"rank's slice {tuple(local.shape)}) but the parameter is "
+                                 f"{tuple(param.shape)}")
+            param.copy_(local.to(device=param.device, dtype=param.dtype))
+            loaded.append(canonical)
+    return loaded
+
+
+# ---------------------------------------------------------------------- gathering for export
+def _full_base(param, group) -> torch.Tensor:
+    """The unsharded base parameter (collective over TP when it is split)."""
+    spec = _param_spec(param)
+    if spec.dim is None:
+        return param.detach().cpu().clone()
+    pieces = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, param.detach().contiguous(), group=group)
+    return unshard([p.cpu() for p in pieces], spec)
+
+
+def _lora_config(model):
+    from megalora.runtime import _chunks
+
+    return next((getattr(c, "_lora_config", None) for c in _chunks(model)
+                 if getattr(c, "_lora_config", None) is not None), None)
+
+
+def _agree(error: Optional[str]) -> None:
+    """Raise ``error`` on every rank when any rank has one (so no rank waits in a collective)."""
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    found = next((e for e in errors if e), None)
+    if found:
+        raise ValueError(found)
+
+
+def _check_exportable(model, head: int) -> None:
+    """Router-routed or wrongly merged LLaMA-mapped adapters cannot become one LoRA per module."""
+    from megalora.inject import lora_modules
+
+    error = None
+    for layer in lora_modules(model):
+        s = layer.lora_settings
+        if hf_entry(f"{layer.lora_name}.weight") is None:
+            continue
+        if s.routing == "router":
+            error = (f"{layer.lora_name}: routing='router' mixes the B heads per token with a "
+                     "learned router; PEFT's LoRA has one B per module, so a router-routed "
+                     "adapter cannot be exported (merge or export a modality/single adapter)")
+        elif s.num_heads > 1 and not 0 <= head < s.num_heads:
+            error = f"head={head} out of range: {layer.lora_name} has {s.num_heads} B heads"
+        elif layer.lora_merged_head not in (None, head if s.num_heads > 1 else 0):
+            error = (f"{layer.lora_name} has head {layer.lora_merged_head} merged into its base "
+                     f"weight; unmerge_lora first to export head {head}")
+        if error:
+            break
+    _agree(error)
+
+
+def _collect(model, with_base: bool) -> Optional[dict]:
+    """On global rank 0: the full adapter tensors, per-module settings and (``with_base``) full
+    base tensors of all stages; None elsewhere. Collective over the whole world."""
+    from megatron.core import parallel_state as ps
+
+    from megalora.checkpoint import _module_manifest, _stage_leader, adapter_state
+    from megalora.inject import lora_modules
+
+    lora = adapter_state(model)
+    group = ps.get_tensor_model_parallel_group() if ps.is_initialized() else None
+    base = {c: (kind, names, _full_base(p, group)) for c, kind, names, p in _base_params(model)} \
+        if with_base else {}
+    modules = _module_manifest(model)
+    for layer in lora_modules(model):
+        modules[layer.lora_name]["merged_head"] = layer.lora_merged_head
+    payload = {"lora": lora, "modules": modules, "base": base} if _stage_leader() else {}
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        parts = [payload]
+    else:
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(payload, parts, dst=0)
+        if dist.get_rank() != 0:
+            return None
+    out = {"lora": {}, "modules": {}, "base": {}}
+    for part in parts:
+        for key in out:
+            out[key].update(part.get(key, {}))
+    return out
+
+
+def _on_rank0(fn: Callable[[], None]) -> None:
+    """Run ``fn`` on global rank 0 and re-raise its error on every rank."""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if not dist.is_initialized() or dist.get_world_size() == 1:
+                raise
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise RuntimeError(f"export failed on rank 0: {box[0]}")
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    # clones: A is shared by q/k/v (gate/up) and safetensors refuses aliased storage
+    data = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    _atomic_write(path, save(data, metadata={"format": "pt"}))
+
+
+def _write_json(path: str, obj: dict) -> None:
+    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+# ---------------------------------------------------------------------- PEFT export
+def export_peft(model, out_dir: str, head: int = 0, base_model: Optional[str] = None
+                ) -> Optional[dict]:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT LoRA for
+    ``LlamaForCausalLM``) to ``out_dir``. Collective over all ranks; global rank 0 writes and
+    gets the adapter config back (None elsewhere).
+
+    Multi-head adapters export B head ``head`` (modality routing: 0 = text). Adapted modules
+    LLaMA has no equivalent for (vision encoder) are skipped with a warning.
+    """
+    config = _lora_config(model)
+    _agree(None if config is not None else "export_peft: the model has no LoRA adapters; "
+           "call megalora.apply_lora (and load_adapter) first")
+    _check_exportable(model, head)
+    got = _collect(model, with_base=False)
+    result = {}
+
+    def write():
+        m = model.run.model
+        tensors, settings, skipped = peft_tensors(got, head, m)
+        if skipped:
+            logger.warning("megalora: export_peft skipped %d adapted module(s) LlamaForCausalLM "
+                           "has no equivalent for: %s", len(skipped), ", ".join(skipped))
+        if not tensors:
+            raise ValueError("export_peft: no adapted module maps to LlamaForCausalLM")
+        cfg = peft_adapter_config(config, settings, head, m.num_layers,
+                                  base_model or m.hf_checkpoint)
+        _write_safetensors(os.path.join(out_dir, "adapter_model.safetensors"), tensors)
+        _write_json(os.path.join(out_dir, "adapter_config.json"), cfg)
+        result["config"] = cfg
+
+    _on_rank0(write)
+    return result.get("config")
+
+
+# ---------------------------------------------------------------------- merged export
+def export_merged(model, out_dir: str, head: int = 0) -> None:
+    """Write ``config.json`` + ``model.safetensors`` of a ``LlamaForCausalLM`` whose weights are
+    the base with the LoRA delta (B head ``head``) merged in; text vocabulary rows only.
+    Collective over all ranks; global rank 0 writes. Works without adapters (base only)."""
+    _check_exportable(model, head)
+    got = _collect(model, with_base=True)
+
+    def write():
+        m = model.run.model
+        tensors = merged_tensors(got, head, m)
+        skipped = sorted(n for n in got["modules"] if hf_entry(f"{n}.weight") is None)
+        if skipped:
+            logger.warning("megalora: export_merged left out %d adapted module(s) "
+                           "LlamaForCausalLM has no equivalent for: %s", len(skipped),
+                           ", ".join(skipped))
+        base = None
+        if m.hf_checkpoint and os.path.isfile(os.path.join(m.hf_checkpoint, "config.json")):
+            with open(os.path.join(m.hf_checkpoint, "config.json")) as fh:
+                base = json.load(fh)
+        dtype = next(iter(tensors.values())).dtype
+        _write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
+        _write_json(os.path.join(out_dir, "config.json"), llama_config(m, dtype, base))
+
+    _on_rank0(write)
+
+
+# ---------------------------------------------------------------------- command line
+def add_parsers(subparsers) -> None:
+    """``megalora export-peft`` and ``megalora export-merged``."""
+    for name, handler, text in (
+            ("export-peft", _cli_export_peft, "write a trained adapter as a PEFT LoRA adapter "
+                                              "for LlamaForCausalLM"),
+            ("export-merged", _cli_export_merged, "write LlamaForCausalLM weights with the "
+                                                  "adapter merged in")):
+        p = subparsers.add_parser(name, help=f"{text} (run under torchrun at the config's "
+                                             "layout; a TP=PP=1 config also runs without)")
+        p.add_argument("--config", required=True, help="run config YAML")
+        p.add_argument("--adapter", required=True,
+                       help="adapter.safetensors, or the directory holding it (train.out_dir)")
+        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--head", type=int, default=0,
+                       help="B head of a multi-head adapter (modality routing: 0 = text)")
+        p.add_argument("overrides", nargs="*", help="section.field=value")
+        p.set_defaults(handler=handler)
+
+
+def _cli_export_peft(args) -> int:
+    return _cli_export(args, merged=False)
+
+
+def _cli_export_merged(args) -> int:
+    return _cli_export(args, merged=True)
+
+
+def _cli_export(args, merged: bool) -> int:
+    """Build the model at the config's layout, load base weights and adapter, export."""
+    import contextlib
+
+    import megalora
+    from megalora.checkpoint import read_manifest
+    from megalora.config import LoRAConfig
+    from megalora.testing.cpu import cpu_megatron
+    from megalora.umm.config import RunConfig
+    from megalora.umm.model import build_umm
+    from megalora.umm.train import _setup
+
+    run = RunConfig.from_yaml(args.config, args.overrides)
+    adapter = args.adapter
+    if os.path.isdir(adapter):
+        adapter = os.path.join(adapter, "adapter.safetensors")
+    manifest = read_manifest(adapter)  # clear errors before any process group exists
+    lora = LoRAConfig.from_dict(manifest["lora_config"]) if manifest.get("lora_config") \
+        else run.lora  # the adapter's own config: the run's may have been edited since
+    if "RANK" not in os.environ and run.parallel.tensor_parallel * \
+            run.parallel.pipeline_parallel == 1:
+        from megalora.testing.dist import free_port
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    device = _setup(run)
+    cuda = device.type == "cuda"
+    harness = contextlib.nullcontext() if cuda else cpu_megatron()
+    try:
+        with harness:
+            model = build_umm(run, dtype=torch.bfloat16 if cuda and run.train.bf16
+                              else torch.float32, cpu=not cuda)
+            if cuda:
+                model.cuda()
+            if run.model.hf_checkpoint:
+                import_llama(model, run.model.hf_checkpoint)
+            else:
+                logger.warning("megalora: model.hf_checkpoint is not set: the base is the "
+                               "random init (fine for a PEFT adapter, not for a merged model)")
+            megalora.apply_lora(model, lora)
+            megalora.load_adapter(model, adapter)
+            if merged:
+                export_merged(model, args.out, head=args.head)
+            else:
+                export_peft(model, args.out, head=args.head)
+    finally:
+        from megatron.core import parallel_state as ps
+
+        if ps.is_initialized():
+            ps.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote {args.out}", flush=True)
+    return 0
