@@ -47,8 +47,9 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def save_checkpoint(out_dir: str, step: int, model, optimizer, stream_state: dict,
-                    config: dict, keep: int = 2) -> str:
-    """Collective: every rank calls it. Returns the step directory."""
+                    config: dict, keep: int = 2, extra: Optional[dict] = None) -> str:
+    """Collective: every rank calls it. Returns the step directory. ``extra``: JSON-able
+    trainer state (the same on every rank) kept in state.json under "extra"."""
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:06d}")
     staging = final + ".partial"
@@ -72,7 +73,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, stream_state: dic
         if len({tuple(c) for c in gathered}) != 1:
             raise RuntimeError(f"dropout counters differ across ranks: {gathered}")
         state = {"step": step, "stream": stream_state, "forward_counts": counters,
-                 "config": config}
+                 "config": config, "extra": extra or {}}
         _atomic_write(os.path.join(staging, "state.json"), json.dumps(state, indent=1).encode())
     _barrier()
     if rank0:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from megalora.config import LoRAConfig
+from megalora.pareto.engine import ParetoConfig
 
 
 def _positive(section: str, obj, *names: str) -> None:
@@ -215,7 +216,7 @@ class TrainConfig:
 
 
 SECTIONS = {"model": UMMModelConfig, "vision": VisionConfig, "parallel": ParallelConfig,
-            "data": DataConfig, "train": TrainConfig}
+            "data": DataConfig, "train": TrainConfig, "pareto": ParetoConfig}
 
 
 @dataclass
@@ -227,6 +228,8 @@ class RunConfig:
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(num_heads=2,
                                                                 routing="modality"))
     train: TrainConfig = field(default_factory=TrainConfig)
+    pareto: ParetoConfig = field(default_factory=ParetoConfig)
+    """Pareto LoRA (per-objective gradients combined per group); off by default."""
 
     def __post_init__(self):
         self.model.validate()
@@ -234,6 +237,8 @@ class RunConfig:
         self.parallel.validate(self.model)
         self.data.validate(self.model)
         self.train.validate()
+        from megalora.pareto.groups import group_names
+        group_names(self.pareto.groups, self.model.num_layers)
         tp = self.parallel.tensor_parallel
         if self.vision.enabled and (self.vision.num_attention_heads % tp
                                     or self.vision.ffn_hidden_size % tp):

@@ -71,9 +71,15 @@ class AdapterOptimizer:
             dist.all_reduce(total, group=self.mp_group)
         return float(total.sqrt())
 
-    def step(self, lr: float) -> float:
-        """Synchronise, clip and apply one update; returns the pre-clip grad norm."""
+    def reduce(self) -> None:
+        """Reduce the gradients (SP partial sums, DP mean) without stepping."""
         self._sync()
+
+    def step(self, lr: float, reduced: bool = False) -> float:
+        """Synchronise (unless ``reduced``), clip and apply one update; returns the pre-clip
+        grad norm."""
+        if not reduced:
+            self._sync()
         norm = self.grad_norm()
         coef = self.clip_grad / (norm + 1e-6) if self.clip_grad and norm > self.clip_grad else 1.0
         for p, m in zip(self.params, self.masters):
@@ -150,10 +156,15 @@ class MegatronAdapterOptimizer:
         self.module.zero_grad_buffer()
         self.opt.zero_grad()
 
-    def step(self, lr: float) -> float:
+    def reduce(self) -> None:
+        """DP reduction and SP partial sums into the main_grad buffers, without stepping."""
         from megatron.core.distributed import finalize_model_grads
 
         finalize_model_grads([self.module])
+
+    def step(self, lr: float, reduced: bool = False) -> float:
+        if not reduced:
+            self.reduce()
         for group in self.opt.param_groups:
             group["lr"] = lr
         ok, norm, _ = self.opt.step()

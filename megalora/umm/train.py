@@ -108,11 +108,12 @@ def _streams(run: RunConfig, train, held_out):
     return stream, evals
 
 
-def _forward_step_func(run: RunConfig):
+def _forward_step_func(run: RunConfig, loss_weights: Optional[List[float]] = None):
     import megalora
     from megalora.testing.tiny_gpt import causal_mask
 
-    weights = {"text": run.model.text_loss_weight, "image": run.model.image_loss_weight}
+    text_w, image_w = loss_weights or (run.model.text_loss_weight, run.model.image_loss_weight)
+    weights = {"text": text_w, "image": image_w}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -133,13 +134,30 @@ def _forward_step_func(run: RunConfig):
     return forward_step
 
 
-def _run_microbatches(model, run, batches, forward_only=False) -> List[dict]:
+def _run_microbatches(model, run, batches, forward_only=False,
+                      loss_weights: Optional[List[float]] = None) -> List[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     return get_forward_backward_func()(
-        forward_step_func=_forward_step_func(run), data_iterator=iter(batches), model=model,
+        forward_step_func=_forward_step_func(run, loss_weights), data_iterator=iter(batches),
+        model=model,
         num_microbatches=len(batches), seq_length=run.data.seq_length,
         micro_batch_size=run.train.micro_batch_size, forward_only=forward_only)
+
+
+def _grad_step(run: RunConfig, runner, model, optimizer, engine, batches, step: int):
+    """Forward + backward of one step into the gradients the optimizer reads: vanilla, or
+    Pareto LoRA's per-objective passes. Returns (loss stats or None off the last stage,
+    whether the gradients are already reduced)."""
+    from megalora.umm.optim import loss_scalars
+
+    def run_pass(loss_weights=None):
+        return loss_scalars(_run_microbatches(runner, run, batches, loss_weights=loss_weights))
+
+    if engine is None:
+        return run_pass(), False
+    weights = [run.model.text_loss_weight, run.model.image_loss_weight]
+    return engine.gradients(step, weights, run_pass, optimizer, model)
 
 
 def _global_scalars(stats: Optional[dict], device) -> dict:
@@ -177,6 +195,7 @@ class _Logger:
 
     def __init__(self, run: RunConfig, start: int, rank0: bool):
         self.rank0, self.writer, self.bar = rank0, None, None
+        self.start, self.total, self.t0 = start, run.train.steps, time.time()
         if not rank0:
             return
         from tqdm import tqdm
@@ -193,8 +212,28 @@ class _Logger:
             except ImportError as exc:
                 logger.warning("megalora: TensorBoard logging off (%s)", exc)
 
+    def pareto(self, stats: dict, run: RunConfig) -> None:
+        """Per-group norms, cosine, ratio, weights: TensorBoard and out_dir/pareto.jsonl."""
+        if not self.rank0:
+            return
+        if run.pareto.history:
+            from megalora.pareto.engine import write_history
+            write_history(run.train.out_dir, stats)
+        if self.writer is None:
+            return
+        for g, name in enumerate(stats["groups"]):
+            if max(stats["norms"][g]) == 0:
+                continue
+            for k, obj in enumerate(("text", "image")):
+                self.writer.add_scalar(f"pareto/{name}/norm_{obj}", stats["norms"][g][k],
+                                       stats["step"])
+                self.writer.add_scalar(f"pareto/{name}/weight_{obj}", stats["weights"][g][k],
+                                       stats["step"])
+            self.writer.add_scalar(f"pareto/{name}/cos", stats["cos"][g], stats["step"])
+            self.writer.add_scalar(f"pareto/{name}/ratio", stats["ratio"][g], stats["step"])
+
     def step(self, step: int, scalars: dict, lr: float, norm: float, tok_s: float,
-             every: int) -> None:
+             every: int, extra: str = "") -> None:
         if not self.rank0:
             return
         self.bar.update(1)
@@ -207,9 +246,12 @@ class _Logger:
             self.writer.add_scalar("train/grad_norm", norm, step)
             self.writer.add_scalar("train/tokens_per_s", tok_s, step)
         if step % every == 0 or step == 1:
+            # the same ETA as the bar's, for logs (torchrun, SLURM) where the bar is off
+            eta = (time.time() - self.t0) / max(1, step - self.start) * (self.total - step)
             self.message(f"step {step:5d}  text {scalars['text']:.4f}  image "
-                           f"{scalars['image']:.4f}  lr {lr:.2e}  grad {norm:.3f}  "
-                           f"{tok_s:.0f} tok/s")
+                         f"{scalars['image']:.4f}  lr {lr:.2e}  grad {norm:.3f}  "
+                         f"{tok_s:.0f} tok/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+                         + (f"  [{extra}]" if extra else ""))
 
     def scalars(self, tag: str, values: dict, step: int) -> None:
         if self.writer is not None:
@@ -274,7 +316,8 @@ def _optimizer(run: RunConfig, model, device):
 
 
 def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
-    """Train per ``run``; returns {"losses": [...], "eval": {...}, "adapter": path, ...}.
+    """Train per ``run``; returns {"losses": [...], "eval": {...}, "adapter": path,
+    "pareto": [per-step group statistics when pareto.mode is on], ...}.
     ``max_steps_this_run`` > 0 stops (with a checkpoint) after that many steps of this
     invocation, as a preemption would."""
     from megatron.core import parallel_state as ps
@@ -293,6 +336,10 @@ def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
         if rank0:
             print(report, flush=True)
         optimizer, runner = _optimizer(run, model, device)
+        engine = None
+        if run.pareto.enabled:
+            from megalora.pareto.engine import ParetoEngine
+            engine = ParetoEngine(run.pareto, model, run.model.num_layers)
         train_set, held_out = _datasets(run)
         stream, evals = _streams(run, train_set, held_out)
         eval_start = evals.state_dict() if evals else None
@@ -302,10 +349,12 @@ def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
             state = load_checkpoint(ckpt, model, optimizer)
             stream.load_state_dict(state["stream"])
             start = state["step"]
+            if engine is not None and "pareto_loss_weights" in state.get("extra", {}):
+                engine.loss_weights = state["extra"]["pareto_loss_weights"]
         log = _Logger(run, start, rank0)
         if ckpt:
             log.message(f"resumed from {ckpt} at step {start}")
-        history, stop, step = [], False, start
+        history, pareto_history, stop, step = [], [], False, start
         tokens_per_step = run.train.micro_batch_size * run.train.num_microbatches * \
             run.data.seq_length * ps.get_data_parallel_world_size()
         for step in range(start + 1, run.train.steps + 1):
@@ -314,22 +363,27 @@ def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
                        warmup=run.train.warmup_steps, total=run.train.steps)
             optimizer.zero_grad()
             batches = [stream.next_batch().to(device) for _ in range(run.train.num_microbatches)]
-            stats = loss_scalars(_run_microbatches(runner, run, batches))
-            norm = optimizer.step(lr)
+            stats, reduced = _grad_step(run, runner, model, optimizer, engine, batches, step)
+            norm = optimizer.step(lr, reduced=reduced)
             scalars = _global_scalars(stats, device)
             history.append(scalars)
+            if engine is not None and engine.last is not None and engine.last["step"] == step:
+                pareto_history.append(engine.last)
+                log.pareto(engine.last, run)
             log.step(step, scalars, lr, norm, tokens_per_step / max(time.time() - tick, 1e-9),
-                     run.train.log_every)
+                     run.train.log_every, engine.summary() if engine is not None else "")
             stop = preempt.agreed(device) or (max_steps_this_run and
                                               step - start >= max_steps_this_run)
             periodic = run.train.save_every and step % run.train.save_every == 0
             if stop or periodic or step == run.train.steps:
+                extra = {"pareto_loss_weights": engine.loss_weights} if engine else None
                 save_checkpoint(run.train.out_dir, step, model, optimizer, stream.state_dict(),
-                                run.to_dict())
+                                run.to_dict(), extra=extra)
             if stop:
                 log.message(f"stopping at step {step} (checkpoint saved); rerun to resume")
                 break
-        result = {"losses": history, "step": step, "stopped_early": bool(stop)}
+        result = {"losses": history, "step": step, "stopped_early": bool(stop),
+                  "pareto": pareto_history}
         if len(history) >= 2:
             k = min(5, len(history) // 2)
             mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731

@@ -1,0 +1,207 @@
+"""Per-objective LoRA gradients and their Pareto integration inside a training step.
+
+``exact`` mode: for each objective k (text CE, image regression) one forward + backward through
+the whole model and pipeline with loss w_k L_k (w = the model's loss weights), the gradients
+reduced as usual (data parallel, sequence-parallel partial sums) and copied to buffer k (memory:
+K copies of the adapter gradients). Dropout counters are rewound between the passes so every
+objective sees the same masks. Then per group: the distributed Gram matrix, the rule's weights
+(``megalora.pareto.solver``) and the combination written back into the gradients the optimizer
+reads (Megatron's ``main_grad`` or ``.grad``) by the C++ extension. With the ``sum`` rule this
+reproduces vanilla LoRA exactly (K times the compute).
+
+``cheap`` mode: the exact step every ``every`` steps; in between one pass whose loss weights
+are the weights the last exact step found for the whole model (the rule applied to the sum of
+the groups' Gram matrices), i.e. the cost of vanilla LoRA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megalora import reductions
+from megalora.pareto import groups as grouping
+from megalora.pareto.solver import RULES, integrate, integrate_one
+
+OBJECTIVES = ("text", "image")
+
+
+@dataclass
+class ParetoConfig:
+    """The ``pareto`` section of a run config."""
+
+    mode: str = "off"
+    """``off`` (vanilla LoRA), ``exact`` (per-objective gradients every step) or ``cheap``
+    (exact every ``every`` steps, the weights reused as loss weights in between)."""
+    rule: str = "pareto"
+    """``pareto`` (MGDA on conflict, rescale on imbalance, else sum), or the baselines ``sum``,
+    ``mgda``, ``pcgrad``, ``fixed``."""
+    groups: str = "layer"
+    """``model``, ``layer``, ``layer_group:N`` or ``module`` (see megalora.pareto.groups)."""
+    tau: float = 10.0
+    """Norm ratio above which non-conflicting gradients are rescaled to equal strength."""
+    restore: bool = True
+    """Scale a combined direction up to the plain sum's norm when it is shorter."""
+    every: int = 10
+    """Cheap mode: steps between exact weight computations."""
+    fixed_weights: Optional[List[float]] = None
+    """Rule ``fixed``: one weight per objective (text, image)."""
+    history: bool = True
+    """Write per-group statistics to out_dir/pareto.jsonl (for ``megalora pareto-plot``)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("off", "exact", "cheap"):
+            raise ValueError(f"pareto.mode must be off, exact or cheap, got {self.mode!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"pareto.rule must be one of {RULES}, got {self.rule!r}")
+        if not self.tau >= 1.0:
+            raise ValueError(f"pareto.tau must be >= 1 (a norm ratio), got {self.tau}")
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"pareto.every must be a positive int, got {self.every!r}")
+        if self.rule == "fixed" and (self.fixed_weights is None
+                                     or len(self.fixed_weights) != len(OBJECTIVES)):
+            raise ValueError(f"pareto.rule=fixed needs pareto.fixed_weights with "
+                             f"{len(OBJECTIVES)} numbers ({', '.join(OBJECTIVES)})")
+        grouping.group_names(self.groups, 10 ** 6)  # the spelling; layer counts checked later
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _grad_tensor(param: torch.nn.Parameter) -> torch.Tensor:
+    main = getattr(param, "main_grad", None)
+    if main is not None:
+        return main
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    return param.grad
+
+
+class ParetoEngine:
+    """Buffers, Gram matrices and weights for one model (all chunks of this rank)."""
+
+    def __init__(self, cfg: ParetoConfig, model, num_layers: int):
+        from megatron.core import parallel_state as ps
+
+        from megalora.grads import lora_parameters
+
+        self.cfg = cfg
+        self.items = lora_parameters(model)
+        self.names = grouping.group_names(cfg.groups, num_layers)
+        self.group_ids = [grouping.group_of(it.name, cfg.groups, num_layers)
+                          for it in self.items]
+        tp_rank = ps.get_tensor_model_parallel_rank() if ps.is_initialized() else 0
+        self.counted = [it.tp_sharded or tp_rank == 0 for it in self.items]
+        self.mp_group = ps.get_model_parallel_group() if ps.is_initialized() else None
+        self.buffers = [[torch.zeros(it.param.shape, dtype=torch.float32,
+                                     device=it.param.device) for it in self.items]
+                        for _ in OBJECTIVES]
+        self.loss_weights = [1.0] * len(OBJECTIVES)
+        self.last: Optional[dict] = None
+
+    def exact_due(self, step: int) -> bool:
+        """Exact mode: every step; cheap mode: steps 1, 1 + every, ..."""
+        return self.cfg.mode == "exact" or (step - 1) % self.cfg.every == 0
+
+    def gradients(self, step: int, model_weights: Sequence[float], run_pass, optimizer, model):
+        """One step's gradients. ``run_pass(loss_weights)`` runs forward + backward of all
+        microbatches and returns the last stage's loss stats (None elsewhere); ``optimizer``
+        has ``zero_grad()`` and ``reduce()``. Returns (stats, whether reduced)."""
+        from megalora.runtime import runtimes
+
+        if not self.exact_due(step):
+            return run_pass([b * w for b, w in zip(model_weights, self.loss_weights)]), False
+        counts = [rt.forward_count for rt in runtimes(model)]
+        stats = None
+        for k in range(len(OBJECTIVES)):
+            for rt, count in zip(runtimes(model), counts):
+                rt.forward_count = count  # the same dropout masks for every objective
+            optimizer.zero_grad()
+            got = run_pass(exact_pass_weights(model_weights, k))
+            stats = stats or got
+            optimizer.reduce()
+            self.capture(k)
+        if stats is not None:  # the pass's "loss" had the other objectives weighted 0
+            stats["loss"] = sum(w * stats[o] for w, o in zip(model_weights, OBJECTIVES))
+        self.combine(step)
+        return stats, True
+
+    def grads(self) -> List[torch.Tensor]:
+        """The gradient tensors the optimizer will read."""
+        return [_grad_tensor(it.param) for it in self.items]
+
+    def capture(self, k: int) -> None:
+        """Copy the current (reduced) gradients into objective ``k``'s buffers."""
+        for buf, grad in zip(self.buffers[k], self.grads()):
+            buf.copy_(grad)
+
+    def combine(self, step: int) -> dict:
+        """Gram matrices, weights per group, combined gradients written back; returns stats."""
+        gram = grouping.distributed_gram(self.buffers, self.counted, self.group_ids,
+                                         len(self.names), self.mp_group)
+        orders = None
+        if self.cfg.rule == "pcgrad":  # PCGrad's shuffles, the same on every rank
+            gen = torch.Generator().manual_seed(step)
+            k = len(OBJECTIVES)
+            orders = [[torch.randperm(k, generator=gen).tolist() for _ in range(k)]
+                      for _ in self.names]
+        weights, fired = integrate(gram, self.cfg.rule, self.cfg.tau, self.cfg.restore,
+                                   self.cfg.fixed_weights, orders)
+        reductions.combine(self.buffers, weights.to(torch.float32), self.group_ids,
+                           out=self.grads())
+        whole, _ = integrate_one(gram.sum(0), self.cfg.rule, self.cfg.tau, self.cfg.restore,
+                                 self.cfg.fixed_weights)
+        self.loss_weights = whole.tolist()
+        self.last = self._stats(step, gram, weights, fired)
+        return self.last
+
+    def _stats(self, step, gram, weights, fired) -> dict:
+        norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        cos = gram[:, 0, 1] / (norms[:, 0] * norms[:, 1]).clamp_min(1e-30)
+        ratio = norms[:, 0] / norms[:, 1].clamp_min(1e-30)
+        return {"step": step, "groups": self.names, "gram": gram.tolist(),
+                "norms": norms.tolist(), "cos": cos.tolist(), "ratio": ratio.tolist(),
+                "weights": weights.tolist(), "fired": fired,
+                "loss_weights": list(self.loss_weights)}
+
+    def summary(self) -> str:
+        """For the progress line: how often each rule fired over the groups with gradients."""
+        if self.last is None:
+            return ""
+        live = [f for f, n in zip(self.last["fired"], self.last["norms"]) if max(n) > 0]
+        counts = {f: live.count(f) for f in dict.fromkeys(live)}
+        return " ".join(f"{f} {c}/{len(live)}" for f, c in counts.items())
+
+
+def write_history(out_dir: str, stats: dict) -> None:
+    """Append one step's statistics to out_dir/pareto.jsonl (rank 0 calls it)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "pareto.jsonl"), "a") as fh:
+        fh.write(json.dumps(stats) + "\n")
+
+
+def read_history(path: str) -> List[Dict]:
+    if os.path.isdir(path):
+        path = os.path.join(path, "pareto.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist: run with pareto.mode=exact|cheap and "
+                                "pareto.history=true")
+    with open(path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    if not rows:
+        raise ValueError(f"{path!r} is empty")
+    return rows
+
+
+def exact_pass_weights(model_weights: Sequence[float], k: int) -> List[float]:
+    """Loss weights of objective ``k``'s own pass: its model weight, zero for the others."""
+    return [w if i == k else 0.0 for i, w in enumerate(model_weights)]
