@@ -42,15 +42,19 @@ def main(argv=None) -> int:
     tr = sub.add_parser("train", help="fine-tune the UMM with LoRA (run under torchrun/srun)")
     tr.add_argument("--config", required=True, help="run config YAML (launch/configs/*.yaml)")
     tr.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=20")
+    from megalora.pareto import plot
     from megalora.umm import hf, planner
 
     planner.add_parser(sub)
     hf.add_parsers(sub)
+    plot.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args)
     if args.command == "plan":
         return planner.run(args)
+    if args.command == "pareto-plot":
+        return plot.run(args)
     if getattr(args, "handler", None) is not None:
         return args.handler(args)
     return 2

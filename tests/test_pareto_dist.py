@@ -142,12 +142,16 @@ def test_trainer_cheap_mode_logs_and_resumes_exactly(tmp_path):
     run_distributed(2, _train_worker, (run_b, 2))  # stops after step 2 (a cheap step follows)
     resumed = run_distributed(2, _train_worker, (run_b,))[0]
     assert resumed["step"] == 4
+    rows = [json.loads(x) for x in open(tmp_path / "b" / "pareto.jsonl")]
+    assert [r["step"] for r in rows] == [1, 3]  # resuming appends to the history, once
     a, b = load_file(full["adapter"]), load_file(resumed["adapter"])
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7), key
 
 
 def test_pareto_config_errors():
+    assert RunConfig.from_yaml("launch/configs/umm_tiny.yaml", ["pareto.mode=off"]).pareto.mode \
+        == "off"  # YAML reads a bare off as false
     with pytest.raises(ValueError, match="pareto.mode must be off, exact or cheap"):
         RunConfig.from_dict({"pareto": {"mode": "fast"}})
     with pytest.raises(ValueError, match="pareto.rule must be one of"):

@@ -139,3 +139,20 @@ def test_integrate_per_group_and_errors():
         integrate(grams, "fixed", fixed=[1.0])
     with pytest.raises(ValueError, match=r"\[groups, K, K\]"):
         integrate(torch.eye(2), "sum")
+
+
+def test_pareto_plot_writes_a_png(tmp_path):
+    import json
+
+    from megalora.cli import main
+
+    rows = [{"step": s, "groups": ["layer0", "layer1", "vision", "other"],
+             "norms": [[1.0, 0.1], [2.0, 0.5], [0, 0], [0, 0]], "cos": [-0.2, 0.3, 0, 0],
+             "ratio": [10.0, 4.0, 1, 1], "weights": [[0.4, 1.6], [1, 1], [1, 1], [1, 1]],
+             "fired": ["pareto", "sum", "sum", "sum"]} for s in (1, 2, 3)]
+    (tmp_path / "pareto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["pareto-plot", "--run", str(tmp_path)]) == 0
+    png = (tmp_path / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    with pytest.raises(FileNotFoundError, match="pareto.mode=exact"):
+        main(["pareto-plot", "--run", str(tmp_path / "nothing")])

@@ -55,6 +55,8 @@ class ParetoConfig:
     """Write per-group statistics to out_dir/pareto.jsonl (for ``megalora pareto-plot``)."""
 
     def __post_init__(self) -> None:
+        if self.mode is False:  # YAML 1.1 reads a bare `off` as false
+            self.mode = "off"
         if self.mode not in ("off", "exact", "cheap"):
             raise ValueError(f"pareto.mode must be off, exact or cheap, got {self.mode!r}")
         if self.rule not in RULES:
@@ -187,6 +189,20 @@ def write_history(out_dir: str, stats: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "pareto.jsonl"), "a") as fh:
         fh.write(json.dumps(stats) + "\n")
+
+
+def trim_history(out_dir: str, up_to_step: int) -> None:
+    """Drop the rows after ``up_to_step`` (all of them for a fresh start) so that a resumed or
+    restarted run does not append to a stale history (rank 0 calls it)."""
+    path = os.path.join(out_dir, "pareto.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        keep = [line for line in fh if line.strip() and json.loads(line)["step"] <= up_to_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(keep)
+    os.replace(tmp, path)
 
 
 def read_history(path: str) -> List[Dict]:

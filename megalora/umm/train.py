@@ -13,6 +13,7 @@ counters, LR step). SIGTERM (SLURM preemption) makes every rank finish the step,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -320,11 +321,7 @@ def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
     "pareto": [per-step group statistics when pareto.mode is on], ...}.
     ``max_steps_this_run`` > 0 stops (with a checkpoint) after that many steps of this
     invocation, as a preemption would."""
-    from megatron.core import parallel_state as ps
-
     from megalora.testing.cpu import cpu_megatron
-    from megalora.umm.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-    from megalora.umm.optim import loss_scalars, lr_at
 
     device = _setup(run)
     rank0 = dist.get_rank() == 0
@@ -343,62 +340,108 @@ def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
         train_set, held_out = _datasets(run)
         stream, evals = _streams(run, train_set, held_out)
         eval_start = evals.state_dict() if evals else None
-        start = 0
-        ckpt = latest_checkpoint(run.train.out_dir) if run.train.resume else None
+        job = _Job(run, device, model, runner, optimizer, engine, stream, preempt)
+        start, ckpt = _resume(job)
+        job.log = _Logger(run, start, rank0)
+        if engine is not None and rank0:
+            from megalora.pareto.engine import trim_history
+            trim_history(run.train.out_dir, start)
         if ckpt:
-            state = load_checkpoint(ckpt, model, optimizer)
-            stream.load_state_dict(state["stream"])
-            start = state["step"]
-            if engine is not None and "pareto_loss_weights" in state.get("extra", {}):
-                engine.loss_weights = state["extra"]["pareto_loss_weights"]
-        log = _Logger(run, start, rank0)
-        if ckpt:
-            log.message(f"resumed from {ckpt} at step {start}")
-        history, pareto_history, stop, step = [], [], False, start
-        tokens_per_step = run.train.micro_batch_size * run.train.num_microbatches * \
-            run.data.seq_length * ps.get_data_parallel_world_size()
-        for step in range(start + 1, run.train.steps + 1):
-            tick = time.time()
-            lr = lr_at(step - 1, lr=run.train.lr, min_lr=run.train.min_lr,
-                       warmup=run.train.warmup_steps, total=run.train.steps)
-            optimizer.zero_grad()
-            batches = [stream.next_batch().to(device) for _ in range(run.train.num_microbatches)]
-            stats, reduced = _grad_step(run, runner, model, optimizer, engine, batches, step)
-            norm = optimizer.step(lr, reduced=reduced)
-            scalars = _global_scalars(stats, device)
-            history.append(scalars)
-            if engine is not None and engine.last is not None and engine.last["step"] == step:
-                pareto_history.append(engine.last)
-                log.pareto(engine.last, run)
-            log.step(step, scalars, lr, norm, tokens_per_step / max(time.time() - tick, 1e-9),
-                     run.train.log_every, engine.summary() if engine is not None else "")
-            stop = preempt.agreed(device) or (max_steps_this_run and
-                                              step - start >= max_steps_this_run)
-            periodic = run.train.save_every and step % run.train.save_every == 0
-            if stop or periodic or step == run.train.steps:
-                extra = {"pareto_loss_weights": engine.loss_weights} if engine else None
-                save_checkpoint(run.train.out_dir, step, model, optimizer, stream.state_dict(),
-                                run.to_dict(), extra=extra)
-            if stop:
-                log.message(f"stopping at step {step} (checkpoint saved); rerun to resume")
-                break
-        result = {"losses": history, "step": step, "stopped_early": bool(stop),
-                  "pareto": pareto_history}
-        if len(history) >= 2:
-            k = min(5, len(history) // 2)
-            mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-            log.message(f"text loss {mean(history[:k], 'text'):.3f} -> "
-                        f"{mean(history[-k:], 'text'):.3f}, image loss "
-                        f"{mean(history[:k], 'image'):.3f} -> {mean(history[-k:], 'image'):.3f} "
-                        f"(means of the first/last {k} steps of this run)")
-        elif start >= run.train.steps:
-            log.message(f"train.steps={run.train.steps} already reached at {ckpt}; nothing to "
-                        "train (new train.out_dir or train.resume=false to start over)")
-        if not stop:
-            result.update(_finish(run, runner, evals, eval_start, device, log))
-        log.close()
+            job.log.message(f"resumed from {ckpt} at step {start}")
+        result = _loop(job, start, max_steps_this_run)
+        _summarise(job, result["losses"], start, ckpt)
+        if not result["stopped_early"]:
+            result.update(_finish(run, runner, evals, eval_start, device, job.log))
+        job.log.close()
     preempt.restore()
     return result
+
+
+@dataclasses.dataclass
+class _Job:
+    """What one training run holds (built once by ``train``)."""
+
+    run: RunConfig
+    device: torch.device
+    model: torch.nn.Module
+    runner: torch.nn.Module
+    """The module the forward runs through (Megatron's DDP wrapper or the model)."""
+    optimizer: object
+    engine: object
+    """ParetoEngine or None."""
+    stream: object
+    preempt: _Preemption
+    log: Optional[_Logger] = None
+
+
+def _resume(job: _Job):
+    """(first step already done, checkpoint path or None) after loading the newest checkpoint."""
+    from megalora.umm.checkpointing import latest_checkpoint, load_checkpoint
+
+    ckpt = latest_checkpoint(job.run.train.out_dir) if job.run.train.resume else None
+    if not ckpt:
+        return 0, None
+    state = load_checkpoint(ckpt, job.model, job.optimizer)
+    job.stream.load_state_dict(state["stream"])
+    if job.engine is not None and "pareto_loss_weights" in state.get("extra", {}):
+        job.engine.loss_weights = state["extra"]["pareto_loss_weights"]
+    return state["step"], ckpt
+
+
+def _loop(job: _Job, start: int, max_steps_this_run: int) -> dict:
+    """The optimisation steps; checkpoints periodically, at the end and on preemption."""
+    from megatron.core import parallel_state as ps
+
+    from megalora.umm.checkpointing import save_checkpoint
+    from megalora.umm.optim import lr_at
+
+    run, engine, log = job.run, job.engine, job.log
+    history, pareto_history, stop, step = [], [], False, start
+    tokens_per_step = run.train.micro_batch_size * run.train.num_microbatches * \
+        run.data.seq_length * ps.get_data_parallel_world_size()
+    for step in range(start + 1, run.train.steps + 1):
+        tick = time.time()
+        lr = lr_at(step - 1, lr=run.train.lr, min_lr=run.train.min_lr,
+                   warmup=run.train.warmup_steps, total=run.train.steps)
+        job.optimizer.zero_grad()
+        batches = [job.stream.next_batch().to(job.device)
+                   for _ in range(run.train.num_microbatches)]
+        stats, reduced = _grad_step(run, job.runner, job.model, job.optimizer, engine, batches,
+                                    step)
+        norm = job.optimizer.step(lr, reduced=reduced)
+        scalars = _global_scalars(stats, job.device)
+        history.append(scalars)
+        if engine is not None and engine.last is not None and engine.last["step"] == step:
+            pareto_history.append(engine.last)
+            log.pareto(engine.last, run)
+        log.step(step, scalars, lr, norm, tokens_per_step / max(time.time() - tick, 1e-9),
+                 run.train.log_every, engine.summary() if engine is not None else "")
+        stop = job.preempt.agreed(job.device) or bool(
+            max_steps_this_run and step - start >= max_steps_this_run)
+        if stop or (run.train.save_every and step % run.train.save_every == 0) \
+                or step == run.train.steps:
+            extra = {"pareto_loss_weights": engine.loss_weights} if engine else None
+            save_checkpoint(run.train.out_dir, step, job.model, job.optimizer,
+                            job.stream.state_dict(), run.to_dict(), extra=extra)
+        if stop:
+            log.message(f"stopping at step {step} (checkpoint saved); rerun to resume")
+            break
+    return {"losses": history, "step": step, "stopped_early": bool(stop),
+            "pareto": pareto_history}
+
+
+def _summarise(job: _Job, history: List[dict], start: int, ckpt: Optional[str]) -> None:
+    run, log = job.run, job.log
+    if len(history) >= 2:
+        k = min(5, len(history) // 2)
+        mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+        log.message(f"text loss {mean(history[:k], 'text'):.3f} -> "
+                    f"{mean(history[-k:], 'text'):.3f}, image loss "
+                    f"{mean(history[:k], 'image'):.3f} -> {mean(history[-k:], 'image'):.3f} "
+                    f"(means of the first/last {k} steps of this run)")
+    elif start >= run.train.steps:
+        log.message(f"train.steps={run.train.steps} already reached at {ckpt}; nothing to "
+                    "train (new train.out_dir or train.resume=false to start over)")
 
 
 def _finish(run: RunConfig, model, evals, eval_start, device, log) -> dict:
