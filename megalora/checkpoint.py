@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zlib
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
+from megalora.atomic import atomic_write
 from megalora.inject import ModelLike, lora_modules
 from megalora.runtime import _chunks
 from megalora.sharding import factor_shardings, global_shapes, shard, unshard
@@ -115,25 +115,9 @@ def save_adapter(model: ModelLike, path: str, extra: Optional[Dict[str, str]] = 
 def _atomic_save(tensors: Dict[str, torch.Tensor], manifest: dict, path: str) -> None:
     from safetensors.torch import save_file
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-adapter-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"format": FORMAT, "manifest": json.dumps(manifest)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                                             metadata={"format": FORMAT,
+                                                       "manifest": json.dumps(manifest)}))
 
 
 def read_manifest(path: str) -> dict:

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megalora import reductions
+from megalora.atomic import atomic_write_bytes
 from megalora.pareto import groups as grouping
 from megalora.pareto.solver import RULES, integrate, integrate_one
 
@@ -199,10 +200,7 @@ def trim_history(out_dir: str, up_to_step: int) -> None:
         return
     with open(path) as fh:
         keep = [line for line in fh if line.strip() and json.loads(line)["step"] <= up_to_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.writelines(keep)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(keep).encode())
 
 
 def read_history(path: str) -> List[Dict]:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megalora.atomic import atomic_write_bytes
 from megalora.checkpoint import load_adapter, save_adapter
 from megalora.runtime import runtimes
 
@@ -35,15 +35,6 @@ def _mp_ranks():
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(out_dir: str, step: int, model, optimizer, stream_state: dict,
@@ -63,7 +54,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, stream_state: dic
     tp, pp, dp = _mp_ranks()
     if dp == 0:
         buffer = _bytes(optimizer.state_dict())
-        _atomic_write(os.path.join(staging, f"optim_tp{tp}_pp{pp}.pt"), buffer)
+        atomic_write_bytes(os.path.join(staging, f"optim_tp{tp}_pp{pp}.pt"), buffer)
     counters = [rt.forward_count for rt in runtimes(model)]
     gathered = [counters]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -74,12 +65,12 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, stream_state: dic
             raise RuntimeError(f"dropout counters differ across ranks: {gathered}")
         state = {"step": step, "stream": stream_state, "forward_counts": counters,
                  "config": config, "extra": extra or {}}
-        _atomic_write(os.path.join(staging, "state.json"), json.dumps(state, indent=1).encode())
+        atomic_write_bytes(os.path.join(staging, "state.json"), json.dumps(state, indent=1).encode())
     _barrier()
     if rank0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        _atomic_write(os.path.join(root, "latest"), f"step_{step:06d}\n".encode())
+        atomic_write_bytes(os.path.join(root, "latest"), f"step_{step:06d}\n".encode())
         _prune(root, keep)
     _barrier()
     return final

@@ -17,11 +17,11 @@ import bisect
 import hashlib
 import json
 import os
-import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from megalora.atomic import atomic_write
 from megalora.umm.batch import UMMBatch, collate
 from megalora.umm.tokens import IMAGE, PAD_MODALITY, TEXT, SpecialTokens
 
@@ -135,27 +135,6 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: str, write) -> None:
-    """``write(tmp_path)``, fsync, rename over ``path``: readers see old or new, never half."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _offsets(lengths: List[int]) -> torch.Tensor:
     out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     out[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
@@ -189,7 +168,7 @@ def _write_shard(samples: List[Sample], path: str, feature_dtype: str, has_pixel
     if os.path.exists(index_path):
         os.unlink(index_path)
     tensors = _shard_tensors(samples, FEATURE_DTYPES[feature_dtype], has_pixels)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={
         "format": FORMAT, "version": str(FORMAT_VERSION)}))
     return {"file": os.path.basename(path), "samples": len(samples),
             "tokens": int(tensors["tokens"].numel()), "slots": int(tensors["features"].shape[0]),
@@ -244,7 +223,7 @@ def write_dataset(samples: Iterable[Sample], out_dir: str, *, base_vocab: int, i
         with open(tmp, "w") as fh:
             json.dump(index, fh, indent=1)
 
-    _atomic_write(index_path, write_index)
+    atomic_write(index_path, write_index)
     return index_path
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from megalora.atomic import atomic_write_bytes
 from megalora.sharding import FactorSharding, shard, unshard
 from megalora.umm.hf_layout import (LORA_FACTORS, check_llama_config, hf_entry, join,
                                     llama_config, merged_tensors, peft_adapter_config,
@@ -255,33 +255,16 @@ def _on_rank0(fn: Callable[[], None]) -> None:
             raise RuntimeError(f"export failed on rank 0: {box[0]}")
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save
 
     # clones: A is shared by q/k/v (gate/up) and safetensors refuses aliased storage
     data = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    _atomic_write(path, save(data, metadata={"format": "pt"}))
+    atomic_write_bytes(path, save(data, metadata={"format": "pt"}))
 
 
 def _write_json(path: str, obj: dict) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 # ---------------------------------------------------------------------- PEFT export

@@ -1,0 +1,43 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+The content goes to a temporary file in the same directory, is fsynced, renamed over the
+target, and the directory is fsynced so the rename survives a crash; on any error the temporary
+file is removed. Used by adapter files, UMM checkpoints, datasets and exports.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp_path)`` fills a temporary file that then replaces ``path`` atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """``atomic_write`` of a bytes payload."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    atomic_write(path, write)
