@@ -3,7 +3,6 @@ at TP=2, TP=2+SP, PP=2 and DP=2 equal a single process's; with the ``sum`` rule 
 gradient is vanilla LoRA's; the trainer runs the exact and cheap modes, logs and resumes."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -50,7 +50,7 @@ DP: one all-reduce of the fp32 adapter gradients (LoRA keeps it tiny).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from megalora.umm.config import RunConfig
 from megalora.umm.tokens import SpecialTokens, padded_vocab_size
@@ -129,7 +129,7 @@ class StageCounts:
 
 
 # ------------------------------------------------------------------ parameter counts
-def _linears(run: RunConfig, prefix: str, vision: bool) -> List[Tuple[str, str, int, int, int]]:
+def _linears(run: RunConfig, vision: bool) -> List[Tuple[str, str, int, int, int]]:
     """(canonical suffix, kind, in, out, out_stride) of the adaptable linears of one layer."""
     if vision:
         v = run.vision
@@ -193,7 +193,7 @@ def _vision_counts(run: RunConfig, tp: int, counts: StageCounts) -> None:
     patches = (v.image_size // v.patch_size) ** 2
     # class token, ln_pre (weight+bias), conv1 (no bias), position embeddings (patches + cls)
     counts.frozen += v.hidden_size * (1 + 2 + 3 * v.patch_size ** 2 + patches + 1)
-    linears = _linears(run, "vision", True)
+    linears = _linears(run, True)
     for i in range(v.num_layers):
         counts.frozen += _layer_frozen(linears, tp, 2 * v.hidden_size, bias=True)
         for suffix, kind, n_in, n_out, stride in linears:
@@ -209,7 +209,7 @@ def stage_counts(run: RunConfig, tp: int, pp: int, stage: int) -> StageCounts:
     counts = StageCounts()
     vocab = padded_vocab_size(SpecialTokens(m.base_vocab).vocab_size)
     per_stage = m.num_layers // pp
-    linears = _linears(run, "llm", False)
+    linears = _linears(run, False)
     for i in range(stage * per_stage, (stage + 1) * per_stage):
         counts.frozen += _layer_frozen(linears, tp, m.hidden_size, bias=False)
         for suffix, kind, n_in, n_out, stride in linears:
