@@ -59,18 +59,20 @@ def _merged(results):
     return out
 
 
+THREE = ["lm", "caption", "image"]  # text split by whether an image precedes it
 LAYOUTS = {
-    "tp2": ({"tensor_parallel": 2}, "layer"),
-    "tp2-sp": ({"tensor_parallel": 2, "sequence_parallel": True}, "layer_group:2"),
-    "pp2": ({"pipeline_parallel": 2}, "module"),
-    "dp2": ({}, "layer"),
+    "tp2": ({"tensor_parallel": 2}, {"groups": "layer"}),
+    "tp2-sp": ({"tensor_parallel": 2, "sequence_parallel": True}, {"groups": "layer_group:2"}),
+    "pp2": ({"pipeline_parallel": 2}, {"groups": "module"}),
+    "dp2": ({}, {"groups": "layer"}),
+    "tp2-sp-3-objectives": ({"tensor_parallel": 2, "sequence_parallel": True},
+                            {"groups": "layer", "objectives": THREE}),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_gram_and_combined_gradient_match_one_process(tmp_path, name):
-    parallel, groups = LAYOUTS[name]
-    pareto = {"groups": groups}
+    parallel, pareto = LAYOUTS[name]
     ref = run_distributed(1, _grads_worker, (_run(tmp_path / "one", None, pareto), 4))[0]
     got = run_distributed(2, _grads_worker, (_run(tmp_path / name, parallel, pareto), 4))
     gram_ref = torch.tensor(ref["gram"])
@@ -82,6 +84,8 @@ def test_gram_and_combined_gradient_match_one_process(tmp_path, name):
         assert torch.allclose(torch.tensor(r["weights"]), torch.tensor(ref["weights"]),
                               rtol=1e-4)
     assert len(set(ref["fired"])) >= 1
+    k = len(pareto.get("objectives", ["text", "image"]))
+    assert gram_ref.shape[1:] == (k, k) and gram_ref.diagonal(dim1=1, dim2=2).amax(0).min() > 0
     full = _merged(got)
     assert set(full) == set(ref["grads"])
     for key, value in ref["grads"].items():
@@ -89,9 +93,12 @@ def test_gram_and_combined_gradient_match_one_process(tmp_path, name):
         assert torch.allclose(full[key], value, rtol=1e-4, atol=1e-5 * max(scale, 1e-6)), key
 
 
-def test_sum_rule_is_vanilla_lora(tmp_path):
-    """Per-objective passes combined with weights 1 = one pass on the summed loss."""
-    run = _run(tmp_path, {"tensor_parallel": 2, "sequence_parallel": True}, {"rule": "sum"})
+@pytest.mark.parametrize("objectives", [["text", "image"], THREE])
+def test_sum_rule_is_vanilla_lora(tmp_path, objectives):
+    """Per-objective passes combined with weights 1 = one pass on the summed loss (for three
+    objectives this also checks that lm + caption is the text loss)."""
+    run = _run(tmp_path, {"tensor_parallel": 2, "sequence_parallel": True},
+               {"rule": "sum", "objectives": objectives})
     got = _merged(run_distributed(2, _grads_worker, (run, 2)))
     vanilla = RunConfig.from_dict({**run.to_dict(), "pareto": {"mode": "off"}})
     ref = _merged(run_distributed(2, _vanilla_worker, (vanilla, 2)))
@@ -161,5 +168,10 @@ def test_pareto_config_errors():
         RunConfig.from_dict({"pareto": {"groups": "layer_group:9"}})
     with pytest.raises(ValueError, match="use model, layer, layer_group:N or module"):
         RunConfig.from_dict({"pareto": {"groups": "block"}})
+    with pytest.raises(ValueError, match=r"pareto.objectives must be \[text, image\]"):
+        RunConfig.from_dict({"pareto": {"objectives": ["text", "caption", "image"]}})
+    with pytest.raises(ValueError, match="fixed_weights with 3 numbers"):
+        RunConfig.from_dict({"pareto": {"rule": "fixed", "objectives": THREE,
+                                        "fixed_weights": [1, 1]}})
     with pytest.raises(ValueError, match="pareto.tau must be >= 1"):
         RunConfig.from_dict({"pareto": {"tau": 0.5}})

@@ -22,6 +22,8 @@ VARIANTS = {
                                 "every": 5},
     "mgda (exact)": {"mode": "exact", "rule": "mgda", "groups": "layer"},
     "pcgrad (exact)": {"mode": "exact", "rule": "pcgrad", "groups": "layer"},
+    "pareto lm/caption/image": {"mode": "exact", "rule": "pareto", "groups": "layer",
+                                "objectives": ["lm", "caption", "image"]},
 }
 
 

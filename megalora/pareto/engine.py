@@ -1,6 +1,7 @@
 """Per-objective LoRA gradients and their Pareto integration inside a training step.
 
-``exact`` mode: for each objective k (text CE, image regression) one forward + backward through
+``exact`` mode: for each objective k (text CE and image regression, or text split into
+``lm`` and ``caption``: see ``OBJECTIVE_SETS``) one forward + backward through
 the whole model and pipeline with loss w_k L_k (w = the model's loss weights), the gradients
 reduced as usual (data parallel, sequence-parallel partial sums) and copied to buffer k (memory:
 K copies of the adapter gradients). Dropout counters are rewound between the passes so every
@@ -29,7 +30,10 @@ from megalora.atomic import atomic_write_bytes
 from megalora.pareto import groups as grouping
 from megalora.pareto.solver import RULES, integrate, integrate_one
 
-OBJECTIVES = ("text", "image")
+OBJECTIVE_SETS = ({"text", "image"}, {"lm", "caption", "image"})
+"""The allowed objective lists (any order): each partitions the model's loss, so the ``sum``
+rule is vanilla LoRA. ``lm`` is text with no image before it in its sequence, ``caption`` the
+text after an image (image-conditioned); both use the text loss weight."""
 
 
 @dataclass
@@ -50,8 +54,11 @@ class ParetoConfig:
     """Scale a combined direction up to the plain sum's norm when it is shorter."""
     every: int = 10
     """Cheap mode: steps between exact weight computations."""
+    objectives: List[str] = dataclasses.field(default_factory=lambda: ["text", "image"])
+    """The objectives whose gradients are combined: ``[text, image]`` or
+    ``[lm, caption, image]`` (text split by whether an image precedes it)."""
     fixed_weights: Optional[List[float]] = None
-    """Rule ``fixed``: one weight per objective (text, image)."""
+    """Rule ``fixed``: one weight per objective, in the order of ``objectives``."""
     history: bool = True
     """Write per-group statistics to out_dir/pareto.jsonl (for ``megalora pareto-plot``)."""
 
@@ -66,10 +73,15 @@ class ParetoConfig:
             raise ValueError(f"pareto.tau must be >= 1 (a norm ratio), got {self.tau}")
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"pareto.every must be a positive int, got {self.every!r}")
+        self.objectives = list(self.objectives)
+        if (len(set(self.objectives)) != len(self.objectives)
+                or set(self.objectives) not in OBJECTIVE_SETS):
+            raise ValueError(f"pareto.objectives must be [text, image] or [lm, caption, image] "
+                             f"(any order), got {self.objectives}")
         if self.rule == "fixed" and (self.fixed_weights is None
-                                     or len(self.fixed_weights) != len(OBJECTIVES)):
+                                     or len(self.fixed_weights) != len(self.objectives)):
             raise ValueError(f"pareto.rule=fixed needs pareto.fixed_weights with "
-                             f"{len(OBJECTIVES)} numbers ({', '.join(OBJECTIVES)})")
+                             f"{len(self.objectives)} numbers ({', '.join(self.objectives)})")
         grouping.group_names(self.groups, 10 ** 6)  # the spelling; layer counts checked later
 
     @property
@@ -105,10 +117,11 @@ class ParetoEngine:
         tp_rank = ps.get_tensor_model_parallel_rank() if ps.is_initialized() else 0
         self.counted = [it.tp_sharded or tp_rank == 0 for it in self.items]
         self.mp_group = ps.get_model_parallel_group() if ps.is_initialized() else None
+        self.objectives = list(cfg.objectives)
         self.buffers = [[torch.zeros(it.param.shape, dtype=torch.float32,
                                      device=it.param.device) for it in self.items]
-                        for _ in OBJECTIVES]
-        self.loss_weights = [1.0] * len(OBJECTIVES)
+                        for _ in self.objectives]
+        self.loss_weights = [1.0] * len(self.objectives)
         self.last: Optional[dict] = None
 
     def exact_due(self, step: int) -> bool:
@@ -125,7 +138,7 @@ class ParetoEngine:
             return run_pass([b * w for b, w in zip(model_weights, self.loss_weights)]), False
         counts = [rt.forward_count for rt in runtimes(model)]
         stats = None
-        for k in range(len(OBJECTIVES)):
+        for k in range(len(self.objectives)):
             for rt, count in zip(runtimes(model), counts):
                 rt.forward_count = count  # the same dropout masks for every objective
             optimizer.zero_grad()
@@ -134,7 +147,7 @@ class ParetoEngine:
             optimizer.reduce()
             self.capture(k)
         if stats is not None:  # the pass's "loss" had the other objectives weighted 0
-            stats["loss"] = sum(w * stats[o] for w, o in zip(model_weights, OBJECTIVES))
+            stats["loss"] = sum(w * stats[o] for w, o in zip(model_weights, self.objectives))
         self.combine(step)
         return stats, True
 
@@ -154,7 +167,7 @@ class ParetoEngine:
         orders = None
         if self.cfg.rule == "pcgrad":  # PCGrad's shuffles, the same on every rank
             gen = torch.Generator().manual_seed(step)
-            k = len(OBJECTIVES)
+            k = len(self.objectives)
             orders = [[torch.randperm(k, generator=gen).tolist() for _ in range(k)]
                       for _ in self.names]
         weights, fired = integrate(gram, self.cfg.rule, self.cfg.tau, self.cfg.restore,
@@ -168,12 +181,19 @@ class ParetoEngine:
         return self.last
 
     def _stats(self, step, gram, weights, fired) -> dict:
+        """Norms per objective; for two objectives their cosine and norm ratio, for more the
+        smallest pairwise cosine and the largest / smallest norm."""
         norms = gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
-        cos = gram[:, 0, 1] / (norms[:, 0] * norms[:, 1]).clamp_min(1e-30)
-        ratio = norms[:, 0] / norms[:, 1].clamp_min(1e-30)
-        return {"step": step, "groups": self.names, "gram": gram.tolist(),
-                "norms": norms.tolist(), "cos": cos.tolist(), "ratio": ratio.tolist(),
-                "weights": weights.tolist(), "fired": fired,
+        cos = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2)).clamp_min(1e-30)
+        k = len(self.objectives)
+        off = ~torch.eye(k, dtype=torch.bool)
+        cos_min = cos[:, off].min(dim=1).values if k > 1 else torch.ones(len(self.names))
+        ratio = norms.max(dim=1).values / norms.min(dim=1).values.clamp_min(1e-30)
+        if k == 2:  # |g_0| / |g_1|: also says which of the two is stronger
+            ratio = norms[:, 0] / norms[:, 1].clamp_min(1e-30)
+        return {"step": step, "objectives": self.objectives, "groups": self.names,
+                "gram": gram.tolist(), "norms": norms.tolist(), "cos": cos_min.tolist(),
+                "ratio": ratio.tolist(), "weights": weights.tolist(), "fired": fired,
                 "loss_weights": list(self.loss_weights)}
 
     def summary(self) -> str:

@@ -209,7 +209,8 @@ class UMMModel(torch.nn.Module):
         return emb
 
     def forward(self, batch: UMMBatch, attention_mask: torch.Tensor):
-        """Hidden states (not the last stage) or {"text", "image"} losses (last stage)."""
+        """Hidden states (not the last stage) or the last stage's losses: ``text`` (= ``lm`` +
+        ``caption``), ``image`` and the token counts."""
         b, s = batch.tokens.shape
         positions = torch.arange(s, device=batch.tokens.device).unsqueeze(0).expand(b, s)
         decoder_input = self._embed(batch) if self.pre_process else None
@@ -218,8 +219,15 @@ class UMMModel(torch.nn.Module):
         if not self.post_process:
             return out
         mask = batch.text_loss_mask
-        text = (out.float() * mask).sum() / mask.sum().clamp_min(1.0)
-        return {"text": text, "image": self._image_loss(batch, self.llm.umm_hidden),
+        denom = mask.sum().clamp_min(1.0)
+        # text = lm + caption exactly (one denominator): text after an image in its sequence
+        # (image-conditioned, e.g. captions) and the rest, separable Pareto objectives
+        after_image = (torch.cumsum(batch.image_in_mask.long(), dim=1) > 0).to(mask.dtype)
+        ce = out.float() * mask
+        caption = (ce * after_image).sum() / denom
+        lm = (ce * (1.0 - after_image)).sum() / denom
+        return {"text": ce.sum() / denom, "lm": lm, "caption": caption,
+                "image": self._image_loss(batch, self.llm.umm_hidden),
                 "text_tokens": mask.sum().detach(),
                 "image_tokens": batch.image_target_mask.sum().to(torch.float32)}
 

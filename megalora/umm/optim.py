@@ -121,8 +121,11 @@ def loss_scalars(losses: List[dict]) -> Optional[Dict[str, float]]:
         return None
     n_text = sum(float(d["text_tokens"]) for d in losses)
     n_image = sum(float(d["image_tokens"]) for d in losses)
+    out = {  # lm and caption share text's denominator, so they average like text
+        name: sum(float(d[name]) * float(d["text_tokens"]) for d in losses) / max(n_text, 1)
+        for name in ("text", "lm", "caption") if name in losses[0]}
     return {
-        "text": sum(float(d["text"]) * float(d["text_tokens"]) for d in losses) / max(n_text, 1),
+        **out,
         "image": sum(float(d["image"]) * float(d["image_tokens"]) for d in losses)
         / max(n_image, 1),
         "loss": sum(float(d["loss"]) for d in losses) / len(losses),
