@@ -73,6 +73,8 @@ setup(
         "numpy",
         "pyyaml>=6",
         "tqdm>=4.60",
+        # SLURM's compressed node lists (gpu[01-04,07]); `scontrol show hostnames` without it
+        "python-hostlist>=1.21",
     ],
     extras_require={
         "test": ["pytest>=8"],
@@ -81,5 +83,7 @@ setup(
         "triton": ["triton>=3.2"],
         "hf": ["transformers>=4.45", "peft>=0.13"],
         "tensorboard": ["tensorboard>=2.10"],
+        # launch/mpirun.sh: the rendezvous broadcast (use your cluster's MPI, or pip's mpich)
+        "mpi": ["mpi4py>=3.1"],
     },
 )

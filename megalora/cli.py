@@ -1,5 +1,5 @@
-"""The ``megalora`` command: ``megalora train``, ``megalora plan``, ``megalora export-peft``,
-``megalora export-merged``.
+"""The ``megalora`` command: ``megalora train``, ``megalora layout``, ``megalora plan``,
+``megalora export-peft``, ``megalora export-merged``, ``megalora pareto-plot``.
 
     torchrun --nproc_per_node=2 -m megalora train --config launch/configs/umm_tiny.yaml
     megalora plan --config launch/configs/emu2_37b.yaml --gpus 16 --gpu-memory 80
@@ -15,15 +15,14 @@ import sys
 def _train(args) -> int:
     import torch.distributed as dist
 
+    from megalora.distributed import launcher_rank
     from megalora.umm.config import RunConfig
     from megalora.umm.train import train
 
     run = RunConfig.from_yaml(args.config, args.overrides)
-    import os
-
     # megalora's one-line notices (kernel path, TE, resume) from rank 0 only
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0"
-                        else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if launcher_rank() == 0 else logging.WARNING,
+                        format="%(message)s")
     try:
         train(run)
     finally:
@@ -40,11 +39,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="megalora", description="multimodal LoRA for Megatron")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="fine-tune the UMM with LoRA (run under torchrun/srun)")
-    tr.add_argument("--config", required=True, help="run config YAML (launch/configs/*.yaml)")
+    tr.add_argument("--config", required=True,
+                    help="run config YAML, or a name under launch/configs (umm_tiny)")
     tr.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=20")
+    from megalora import launch
     from megalora.pareto import plot
     from megalora.umm import hf, planner
 
+    launch.add_parser(sub)
     planner.add_parser(sub)
     hf.add_parsers(sub)
     plot.add_parser(sub)

@@ -25,3 +25,49 @@ def assert_dicts_close(actual: dict, expected: dict, rtol: float, atol: float = 
     assert sorted(actual) == sorted(expected), f"{what}: keys differ: {sorted(set(actual) ^ set(expected))[:5]}"
     for key in expected:
         assert_close(actual[key], expected[key], rtol, atol, name=f"{what} {key}")
+
+
+LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+               "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def launch_env(**extra) -> dict:
+    """This process's environment for a launched job, without the rendezvous variables that
+    the in-process test fixtures set (a job would otherwise join their port)."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCH_VARS and not k.startswith(("SLURM_", "PMI_", "OMPI_", "PMIX_"))}
+    env["PYTHON"] = sys.executable
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.update(extra)
+    return env
+
+
+def train_summary(log: str) -> dict:
+    """The trainer's closing lines: first/last losses of the run, held-out losses, adapter."""
+    import re
+
+    out = {}
+    m = re.search(r"text loss ([\d.]+) -> ([\d.]+), image loss ([\d.]+) -> ([\d.]+)", log)
+    if m:
+        out.update(text=(float(m[1]), float(m[2])), image=(float(m[3]), float(m[4])))
+    m = re.search(r"adapter saved to (\S+)", log)
+    if m:
+        out["adapter"] = m[1]
+    return out
+
+
+def requirement(name: str, why_missing) -> None:
+    """Skip when a launch prerequisite is missing, unless MEGALORA_REQUIRE_<NAME>=1 (CI) makes
+    it a failure."""
+    import os
+
+    import pytest
+
+    if why_missing is None:
+        return
+    if os.environ.get(f"MEGALORA_REQUIRE_{name.upper()}") == "1":
+        pytest.fail(f"{name} required (MEGALORA_REQUIRE_{name.upper()}=1) but {why_missing}")
+    pytest.skip(f"{name} test skipped: {why_missing}")

@@ -10,6 +10,7 @@ naming the fields and what to change. Nothing here imports Megatron.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -276,7 +277,7 @@ class RunConfig:
     def from_yaml(cls, path: str, overrides: Optional[List[str]] = None) -> "RunConfig":
         import yaml
 
-        with open(path) as fh:
+        with open(resolve_config(path)) as fh:
             raw = yaml.safe_load(fh) or {}
         for item in overrides or []:
             key, eq, value = item.partition("=")
@@ -292,3 +293,23 @@ class RunConfig:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out["lora"] = self.lora.to_dict()
         return out
+
+
+def resolve_config(name: str) -> str:
+    """A config path, or a name under launch/configs (``umm_tiny`` or ``umm_tiny.yaml``), looked
+    up in the working directory's launch/configs and then in the source tree's."""
+    if os.path.isfile(name):
+        return name
+    if os.sep in name:
+        raise FileNotFoundError(f"config {name!r} does not exist")
+    stem = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
+    roots = [os.getcwd(), os.path.dirname(os.path.dirname(os.path.dirname(__file__)))]
+    for root in roots:
+        path = os.path.join(root, "launch", "configs", stem)
+        if os.path.isfile(path):
+            return path
+    known = sorted({f[:-5] for r in roots if os.path.isdir(os.path.join(r, "launch", "configs"))
+                    for f in os.listdir(os.path.join(r, "launch", "configs"))
+                    if f.endswith(".yaml")})
+    raise FileNotFoundError(f"config {name!r} is neither a file nor one of launch/configs: "
+                            f"{', '.join(known) or '(none found)'}")

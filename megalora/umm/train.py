@@ -1,6 +1,7 @@
 """``megalora train``: LoRA fine-tuning of the UMM with Megatron's own schedules.
 
     torchrun --nproc_per_node=2 -m megalora train --config launch/configs/umm_tiny.yaml
+    launch/torchrun.sh umm_tiny     # or launch/sbatch.sh, launch/srun.sh, launch/mpirun.sh
 
 Each step runs ``num_microbatches`` microbatches per data-parallel rank through megatron-core's
 forward/backward schedule (no pipelining or 1F1B; on CPU inside the CPU harness), then one
@@ -52,27 +53,17 @@ def _setup(run: RunConfig):
     """Process group + model parallel state; returns the device."""
     from megatron.core import parallel_state as ps
 
-    want = run.train.device
-    cuda = torch.cuda.is_available() if want == "auto" else want == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            raise RuntimeError("run under torchrun (or srun/mpirun with the rendezvous "
-                               "variables), e.g. torchrun --nproc_per_node=2 -m megalora train "
-                               "--config launch/configs/umm_tiny.yaml")
-        dist.init_process_group("nccl" if cuda else "gloo")
-    world, tp, pp = dist.get_world_size(), run.parallel.tensor_parallel, \
-        run.parallel.pipeline_parallel
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not divisible by parallel.tensor_parallel={tp} "
-                         f"x parallel.pipeline_parallel={pp}")
+    from megalora.distributed import init
+
+    tp, pp = run.parallel.tensor_parallel, run.parallel.pipeline_parallel
+    env = init(tp, pp, device=run.train.device)
+    logger.info("megalora: %s", env.describe())
     if not ps.is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp,
                                      pipeline_model_parallel_size=pp)
-    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _datasets(run: RunConfig):
@@ -109,12 +100,14 @@ def _streams(run: RunConfig, train, held_out):
     return stream, evals
 
 
-def _forward_step_func(run: RunConfig, loss_weights: Optional[List[float]] = None):
+def _forward_step_func(run: RunConfig, loss_weights: Optional[Dict[str, float]] = None):
+    """``loss_weights``: objective name (a key of the model's losses) -> weight; default the
+    model's text and image loss weights."""
     import megalora
     from megalora.testing.tiny_gpt import causal_mask
 
-    text_w, image_w = loss_weights or (run.model.text_loss_weight, run.model.image_loss_weight)
-    weights = {"text": text_w, "image": image_w}
+    weights = loss_weights or {"text": run.model.text_loss_weight,
+                               "image": run.model.image_loss_weight}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -124,7 +117,7 @@ def _forward_step_func(run: RunConfig, loss_weights: Optional[List[float]] = Non
         out = model(batch, mask)
 
         def loss_func(losses: Dict[str, torch.Tensor]):
-            loss = weights["text"] * losses["text"] + weights["image"] * losses["image"]
+            loss = sum(w * losses[name] for name, w in weights.items())
             # clones: the schedule divides the returned loss in place by the microbatch count
             report = {k: v.detach().clone() for k, v in losses.items()}
             report["loss"] = loss.detach().clone()
@@ -136,7 +129,7 @@ def _forward_step_func(run: RunConfig, loss_weights: Optional[List[float]] = Non
 
 
 def _run_microbatches(model, run, batches, forward_only=False,
-                      loss_weights: Optional[List[float]] = None) -> List[dict]:
+                      loss_weights: Optional[Dict[str, float]] = None) -> List[dict]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     return get_forward_backward_func()(
@@ -152,12 +145,14 @@ def _grad_step(run: RunConfig, runner, model, optimizer, engine, batches, step: 
     whether the gradients are already reduced)."""
     from megalora.umm.optim import loss_scalars
 
-    def run_pass(loss_weights=None):
-        return loss_scalars(_run_microbatches(runner, run, batches, loss_weights=loss_weights))
+    def run_pass(loss_weights=None):  # a list in the order of engine.objectives
+        named = dict(zip(engine.objectives, loss_weights)) if loss_weights else None
+        return loss_scalars(_run_microbatches(runner, run, batches, loss_weights=named))
 
     if engine is None:
         return run_pass(), False
-    weights = [run.model.text_loss_weight, run.model.image_loss_weight]
+    weights = [run.model.image_loss_weight if name == "image" else run.model.text_loss_weight
+               for name in engine.objectives]
     return engine.gradients(step, weights, run_pass, optimizer, model)
 
 
@@ -225,7 +220,7 @@ class _Logger:
         for g, name in enumerate(stats["groups"]):
             if max(stats["norms"][g]) == 0:
                 continue
-            for k, obj in enumerate(("text", "image")):
+            for k, obj in enumerate(stats["objectives"]):
                 self.writer.add_scalar(f"pareto/{name}/norm_{obj}", stats["norms"][g][k],
                                        stats["step"])
                 self.writer.add_scalar(f"pareto/{name}/weight_{obj}", stats["weights"][g][k],
@@ -384,7 +379,12 @@ def _resume(job: _Job):
     state = load_checkpoint(ckpt, job.model, job.optimizer)
     job.stream.load_state_dict(state["stream"])
     if job.engine is not None and "pareto_loss_weights" in state.get("extra", {}):
-        job.engine.loss_weights = state["extra"]["pareto_loss_weights"]
+        saved = state["extra"]["pareto_loss_weights"]
+        if len(saved) != len(job.engine.objectives):
+            raise ValueError(f"{ckpt}: saved with {len(saved)} Pareto objectives, this run has "
+                             f"pareto.objectives={job.engine.objectives}; keep the objectives "
+                             "of the run you resume, or start afresh with train.resume=false")
+        job.engine.loss_weights = saved
     return state["step"], ckpt
 
 
