@@ -12,9 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _missing():
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("mpi4py") is None:
         return "mpi4py is not installed (pip install mpi4py mpich)"
     if shutil.which("mpiexec", path=launch_env()["PATH"]) is None:
         return "mpiexec not found (pip install mpich)"

@@ -161,7 +161,10 @@ class LocalSlurm:
 
     def sbatch(self, args: List[str], env: Optional[dict] = None, cwd: Optional[str] = None
                ) -> str:
-        out = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})},
+        # the job inherits exactly ``env`` (sbatch exports the submitter's environment): not
+        # merged with ours, so variables the caller left out (MASTER_PORT...) stay out
+        job_env = {**env, "SLURM_CONF": self.conf} if env is not None else self.env
+        out = subprocess.run(["sbatch", "--parsable", *args], env=job_env,
                              capture_output=True, text=True, timeout=60, cwd=cwd)
         if out.returncode != 0:
             raise RuntimeError(f"sbatch failed: {out.stderr}")
