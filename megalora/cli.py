@@ -1,5 +1,6 @@
 """The ``megalora`` command: ``megalora train``, ``megalora layout``, ``megalora plan``,
-``megalora export-peft``, ``megalora export-merged``, ``megalora pareto-plot``.
+``megalora export-peft``, ``megalora export-merged``, ``megalora pareto-plot``,
+``megalora rank-search``.
 
     torchrun --nproc_per_node=2 -m megalora train --config launch/configs/umm_tiny.yaml
     megalora plan --config launch/configs/emu2_37b.yaml --gpus 16 --gpu-memory 80
@@ -47,6 +48,9 @@ def main(argv=None) -> int:
     from megalora.umm import hf, planner
 
     launch.add_parser(sub)
+    from megalora.mars import cli as mars_cli
+
+    mars_cli.add_parser(sub)
     planner.add_parser(sub)
     hf.add_parsers(sub)
     plot.add_parser(sub)

@@ -311,11 +311,12 @@ def _optimizer(run: RunConfig, model, device):
     return opt, model
 
 
-def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
+def train(run: RunConfig, max_steps_this_run: int = 0, on_step=None) -> dict:
     """Train per ``run``; returns {"losses": [...], "eval": {...}, "adapter": path,
     "pareto": [per-step group statistics when pareto.mode is on], ...}.
     ``max_steps_this_run`` > 0 stops (with a checkpoint) after that many steps of this
-    invocation, as a preemption would."""
+    invocation, as a preemption would. ``on_step(step, model, scalars)`` is called on every
+    rank after each optimizer step (MARS's convergence probes use it)."""
     from megalora.testing.cpu import cpu_megatron
 
     device = _setup(run)
@@ -335,7 +336,8 @@ def train(run: RunConfig, max_steps_this_run: int = 0) -> dict:
         train_set, held_out = _datasets(run)
         stream, evals = _streams(run, train_set, held_out)
         eval_start = evals.state_dict() if evals else None
-        job = _Job(run, device, model, runner, optimizer, engine, stream, preempt)
+        job = _Job(run, device, model, runner, optimizer, engine, stream, preempt,
+                   on_step=on_step)
         start, ckpt = _resume(job)
         job.log = _Logger(run, start, rank0)
         if engine is not None and rank0:
@@ -367,6 +369,8 @@ class _Job:
     stream: object
     preempt: _Preemption
     log: Optional[_Logger] = None
+    on_step: Optional[object] = None
+    """Called as on_step(step, model, scalars) after each optimizer step."""
 
 
 def _resume(job: _Job):
@@ -411,6 +415,8 @@ def _loop(job: _Job, start: int, max_steps_this_run: int) -> dict:
         norm = job.optimizer.step(lr, reduced=reduced)
         scalars = _global_scalars(stats, job.device)
         history.append(scalars)
+        if job.on_step is not None:
+            job.on_step(step, job.model, scalars)
         if engine is not None and engine.last is not None and engine.last["step"] == step:
             pareto_history.append(engine.last)
             log.pareto(engine.last, run)

@@ -1,0 +1,1 @@
+"""MARS: multimodal adaptive rank search by dual scaling laws (``megalora rank-search``)."""

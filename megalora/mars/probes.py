@@ -1,0 +1,245 @@
+"""MARS calibration probes: short training runs over (vision rank, LLM rank, data size).
+
+Each probe is the trainer (``megalora.umm.train.train``) on one process (TP = PP = 1) with
+the LLM adapters at rank r_l, the in-loop vision encoder's at r_v (``rank_pattern
+{"vision.*": r_v}``), alpha = 2 r for both (a scale of 2 whatever the rank, as in MARS), a
+constant learning rate after warmup, and D synthetic training samples. It records the
+held-out loss at the end and a convergence time per module group.
+
+**Convergence time** (MARS leaves it undefined; ours, in steps, measured in the joint run):
+every ``every`` steps the held-out loss is evaluated three times, with all adapters, with
+the ``vision`` group's (every adapter under ``vision.``) switched off and with the ``llm``
+group's (the rest) switched off. The loss a group removes is its contribution c_g(t); t_g is
+the first evaluated step at which c_g (a 3-point running mean) reaches ``fraction`` (0.9) of
+its largest value in the probe. A group whose contribution still rises (its last quarter
+of evaluations adds more than 1 - fraction of the peak) or never lowers the loss is
+*censored* (t_g = None) and left out of the convergence fit. The curves are kept in the probe
+records, so times are recomputed for another ``fraction`` without training again. Measured and
+rejected first: the relative drift of the adapter deltas over a window, |W(t) - W(t-w)| / |W(t)|,
+falls like w / t while adapters grow at a constant learning rate, whatever the rank (tiny UMM,
+40 steps, ranks 1-16: the same curve within 10 %), so it measures the probe length, not the
+module; per-module gradient norms were flat at the clip threshold.
+
+Probes are cached, one JSON file each under ``<out>/probes/``, written atomically: a search
+that is interrupted or re-fitted re-runs nothing it has. ``jobs`` worker processes share the
+pending probes (each a world-1 gloo group of its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megalora.atomic import atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    r_v: int
+    r_l: int
+    samples: int
+    steps: int
+
+    @property
+    def key(self) -> str:
+        return f"rv{self.r_v}_rl{self.r_l}_d{self.samples}_s{self.steps}"
+
+
+def probe_overrides(base: dict, r_v: int, r_l: int, samples: int, steps: int, out_dir: str,
+                    micro_batch_size: Optional[int] = None) -> dict:
+    """A run config dict for one probe (or, with the full data size and steps, a final run)."""
+    run = json.loads(json.dumps(base))  # deep copy of plain data
+    lora = run["lora"]
+    lora["rank"], lora["alpha"] = r_l, 2.0 * r_l
+    lora["rank_pattern"] = {"vision.*": r_v, **{k: v for k, v in lora.get("rank_pattern", {})
+                                                 .items() if k != "vision.*"}}
+    lora["alpha_pattern"] = {"vision.*": 2.0 * r_v, **{k: v for k, v in
+                                                       lora.get("alpha_pattern", {}).items()
+                                                       if k != "vision.*"}}
+    run["parallel"] = {"tensor_parallel": 1, "pipeline_parallel": 1, "sequence_parallel": False}
+    run["data"]["synthetic_samples"] = samples
+    t = run["train"]
+    t.update(steps=steps, out_dir=out_dir, save_every=0, tensorboard=False, resume=False,
+             log_every=10 ** 9, min_lr=t["lr"], warmup_steps=min(t["warmup_steps"], steps - 1))
+    if micro_batch_size:
+        t["micro_batch_size"] = micro_batch_size
+    return run
+
+
+def group_of(module_name: str) -> str:
+    return "vision" if module_name.startswith("vision.") else "llm"
+
+
+class ContributionTracker:
+    """``on_step`` hook: every ``every`` steps, the held-out loss with all adapters, with the
+    vision group's switched off (its B factors zeroed, then restored bit for bit) and with the
+    LLM group's switched off. A group's contribution is the loss it removes."""
+
+    def __init__(self, run, every: int, eval_sequences: int = 8):
+        self.run, self.every = run, every
+        # a fixed number of held-out sequences whatever the probe's micro-batch size
+        self.eval_batches = max(1, -(-eval_sequences // run.train.micro_batch_size))
+        self.steps: List[int] = []
+        self.curve: Dict[str, List[float]] = {"vision": [], "llm": []}
+        self._evals = None
+
+    def _loss(self, model) -> float:
+        from megalora.umm.train import evaluate
+
+        self._evals.load_state_dict(self._start)  # the same held-out batches every time
+        ev = evaluate(model, self.run, self._evals, next(model.parameters()).device,
+                      max_batches=self.eval_batches)
+        return self.run.model.text_loss_weight * ev["text"] + \
+            self.run.model.image_loss_weight * ev["image"]
+
+    @torch.no_grad()
+    def _without(self, model, group: str) -> float:
+        from megalora.layers import LoRAMixin
+
+        saved = [(m.lora_B, m.lora_B.detach().clone()) for name, m in model.named_modules()
+                 if isinstance(m, LoRAMixin) and m._lora_ready and group_of(name) == group]
+        for b, _ in saved:
+            b.zero_()
+        try:
+            return self._loss(model)
+        finally:
+            for b, value in saved:
+                b.copy_(value)
+
+    def __call__(self, step: int, model, scalars) -> None:
+        if step % self.every and step != self.run.train.steps:
+            return
+        if self._evals is None:
+            from megalora.umm.train import _datasets, _streams
+
+            _, self._evals = _streams(self.run, *_datasets(self.run))
+            self._start = self._evals.state_dict()
+        full = self._loss(model)
+        self.steps.append(step)
+        for group in ("vision", "llm"):
+            self.curve[group].append(self._without(model, group) - full)
+
+
+def convergence_step(steps: Sequence[int], contribution: Sequence[float],
+                     fraction: float) -> Optional[int]:
+    """The first evaluated step at which a group's contribution (3-point running mean) reaches
+    ``fraction`` of its largest value in the probe; None (censored) when it is still rising
+    (the last quarter of the evaluations added more than ``1 - fraction`` of the peak) or
+    never positive."""
+    if len(contribution) < 3 or max(contribution) <= 0:
+        return None
+    smooth = running_mean(contribution)
+    peak = max(smooth)
+    tail = max(1, len(smooth) // 4)
+    if contribution[-1] - contribution[-1 - tail] > (1 - fraction) * peak:
+        return None  # still rising: the last quarter added more than the tolerance
+    first = next(i for i, c in enumerate(smooth) if c >= fraction * peak)
+    return None if first == len(smooth) - 1 else steps[first]
+
+
+def running_mean(values: Sequence[float], width: int = 3) -> List[float]:
+    """Centred running mean (shorter at the ends): held-out losses of a few batches are noisy."""
+    half = width // 2
+    return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
+            for i in range(len(values))]
+
+
+def run_probe(spec: ProbeSpec, base: dict, out: str, every: int, fraction: float,
+              micro_batch_size: Optional[int]) -> dict:
+    """Train one probe in this process (a world-1 process group must be possible)."""
+    from megalora.umm.config import RunConfig
+    from megalora.umm.train import train
+
+    cfg = probe_overrides(base, spec.r_v, spec.r_l, spec.samples, spec.steps,
+                          os.path.join(out, "runs", spec.key), micro_batch_size)
+    run = RunConfig.from_dict(cfg)
+    tracker = ContributionTracker(run, every)
+    tick = time.process_time()
+    result = train(run, on_step=tracker)
+    ev = result["eval"]
+    loss = run.model.text_loss_weight * ev["text"] + run.model.image_loss_weight * ev["image"]
+    return {**dataclasses.asdict(spec), "loss": loss, "text": ev["text"], "image": ev["image"],
+            "t_vision": convergence_step(tracker.steps, tracker.curve["vision"], fraction),
+            "t_llm": convergence_step(tracker.steps, tracker.curve["llm"], fraction),
+            "eval_steps": tracker.steps, "contribution": tracker.curve,
+            "cpu_seconds": time.process_time() - tick,
+            "sequences": spec.steps * run.train.micro_batch_size * run.train.num_microbatches}
+
+
+def _probe_path(out: str, spec: ProbeSpec) -> str:
+    return os.path.join(out, "probes", spec.key + ".json")
+
+
+def load_cached(out: str, spec: ProbeSpec) -> Optional[dict]:
+    path = _probe_path(out, spec)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn or foreign file: run the probe again
+
+
+def _worker(specs: List[ProbeSpec], base: dict, out: str, every: int, fraction: float,
+            micro_batch_size: Optional[int]) -> None:
+    import logging
+
+    import torch.distributed as dist
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(name, None)  # a world of one, on a port of its own
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    try:
+        for spec in specs:
+            log = os.path.join(out, "runs", spec.key + ".log")  # the trainer's own output
+            os.makedirs(os.path.dirname(log), exist_ok=True)
+            with open(log, "w") as fh, contextlib.redirect_stdout(fh), \
+                    contextlib.redirect_stderr(fh):
+                record = run_probe(spec, base, out, every, fraction, micro_batch_size)
+            atomic_write_bytes(_probe_path(out, spec), json.dumps(record, indent=1).encode())
+    finally:
+        from megatron.core import parallel_state as ps
+        if ps.is_initialized():
+            ps.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_probes(specs: Sequence[ProbeSpec], base: dict, out: str, *, jobs: int = 1,
+               every: int = 5, fraction: float = 0.9, micro_batch_size: Optional[int] = None,
+               progress=None) -> List[dict]:
+    """Every probe's record, running the ones not cached on ``jobs`` processes."""
+    import multiprocessing as mp
+
+    os.makedirs(os.path.join(out, "probes"), exist_ok=True)
+    todo = [s for s in specs if load_cached(out, s) is None]
+    if todo:
+        if progress:
+            progress(f"running {len(todo)} probes ({len(specs) - len(todo)} cached) on "
+                     f"{min(jobs, len(todo))} processes")
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker, args=(todo[i::jobs], base, out, every, fraction,
+                                                   micro_batch_size))
+                 for i in range(min(jobs, len(todo)))]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [p.exitcode for p in procs if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"{len(failed)} probe worker(s) failed (exit codes {failed}); "
+                               "the probes that finished are cached, rerun to continue")
+    records = [load_cached(out, s) for s in specs]
+    missing = [s.key for s, r in zip(specs, records) if r is None]
+    if missing:
+        raise RuntimeError(f"probes without results: {missing}")
+    return records

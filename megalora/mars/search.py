@@ -1,0 +1,182 @@
+"""MARS: fit the laws to the probes, prune to balanced pairs, predict, choose within a budget.
+
+The performance law falls in both ranks, so "the best predicted loss" alone always picks the
+largest pair; the choice is made under a trainable-parameter budget (the adapter parameters
+the trainer would build, counted exactly by ``megalora plan``'s model at TP = PP = 1), by
+default that of a uniform-rank baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+from megalora.mars.laws import (ConvergenceLaw, FitError, PerformanceLaw, balanced_vision_rank,
+                                fit_convergence, fit_performance, snap)
+
+
+@dataclass(frozen=True)
+class Fits:
+    performance: PerformanceLaw
+    vision: ConvergenceLaw
+    llm: ConvergenceLaw
+
+
+def with_times(records: Sequence[dict], fraction: float) -> List[dict]:
+    """Records with t_vision / t_llm recomputed from their contribution curves for
+    ``fraction`` (records without curves keep theirs)."""
+    from megalora.mars.probes import convergence_step
+
+    out = []
+    for r in records:
+        r = dict(r)
+        for group in ("vision", "llm"):
+            curve = r.get("contribution", {}).get(group)
+            if curve:
+                r[f"t_{group}"] = convergence_step(r["eval_steps"], curve, fraction)
+        out.append(r)
+    return out
+
+
+def fit_probes(records: Sequence[dict]) -> Fits:
+    """All three laws from probe records (see ``megalora.mars.probes``); censored convergence
+    times are left out."""
+    perf = fit_performance([(r["r_v"], r["r_l"], r["samples"], r["loss"]) for r in records])
+    conv = {}
+    for group, rank in (("vision", "r_v"), ("llm", "r_l")):
+        points = [(r[rank], r["samples"], r[f"t_{group}"]) for r in records
+                  if r[f"t_{group}"] is not None]
+        try:
+            conv[group] = fit_convergence(points)
+        except FitError as exc:
+            censored = sum(r[f"t_{group}"] is None for r in records)
+            raise FitError(f"{group} convergence: {exc} ({censored} of {len(records)} probes "
+                           "never settled: lengthen --probe-steps or lower --fraction)") from None
+    return Fits(perf, conv["vision"], conv["llm"])
+
+
+def adapter_parameters(base: dict, r_v: int, r_l: int) -> int:
+    """Trainable adapter parameters of ``base`` with the LLM at r_l and the vision encoder at
+    r_v (exact: ``megalora plan``'s counts equal built models')."""
+    from megalora.mars.probes import probe_overrides
+    from megalora.umm.config import RunConfig
+    from megalora.umm.plan import stage_counts
+
+    cfg = probe_overrides(base, r_v, r_l, base["data"]["synthetic_samples"], 1, "/nonexistent")
+    return stage_counts(RunConfig.from_dict(cfg), tp=1, pp=1, stage=0).lora
+
+
+@dataclass
+class Candidate:
+    r_v: int
+    r_l: int
+    r_v_balanced: float
+    params: int
+    predicted_loss: float
+    t_vision: float
+    t_llm: float
+    within_budget: bool
+
+
+def candidates(fits: Fits, vision_menu: Sequence[int], llm_menu: Sequence[int],
+               samples: int, count, budget: int) -> Tuple[List[Candidate], int]:
+    """Prune: for each LLM rank the balanced vision rank, snapped to the menu (deduplicated).
+    Returns the candidates and how many LLM ranks had no balanced rank (fallback count)."""
+    out: Dict[Tuple[int, int], Candidate] = {}
+    fallbacks = 0
+    for r_l in sorted(llm_menu):
+        r_star = balanced_vision_rank(fits.vision, fits.llm, r_l, samples)
+        if r_star is None:
+            fallbacks += 1
+            continue
+        r_v = snap(r_star, vision_menu)
+        if (r_v, r_l) in out:
+            continue
+        params = count(r_v, r_l)
+        out[(r_v, r_l)] = Candidate(
+            r_v, r_l, r_star, params, float(fits.performance.predict(r_v, r_l, samples)),
+            float(fits.vision.predict(r_v, samples)), float(fits.llm.predict(r_l, samples)),
+            params <= budget)
+    return list(out.values()), fallbacks
+
+
+def choose(cands: Sequence[Candidate], budget: int, fits: Fits, uniform: Sequence[int],
+           samples: int, count) -> Tuple[Tuple[int, int], str]:
+    """The candidate with the best predicted loss within the budget; when pruning left no
+    candidate (no balanced rank), the uniform pair (r, r) within the budget with the best
+    predicted loss."""
+    within = [c for c in cands if c.params <= budget]
+    if within:
+        best = min(within, key=lambda c: (c.predicted_loss, c.params))
+        return (best.r_v, best.r_l), "best predicted loss within the budget"
+    if cands:
+        smallest = min(c.params for c in cands)
+        raise FitError(f"no balanced candidate fits the budget of {budget:,} parameters (the "
+                       f"smallest needs {smallest:,}); raise --budget or add smaller ranks to "
+                       "the menus")
+    pairs = [(r, r) for r in uniform if count(r, r) <= budget]
+    if not pairs:
+        raise FitError(f"no balanced rank and no uniform pair of the menus within the budget "
+                       f"of {budget:,} parameters")
+    best = min(pairs, key=lambda p: float(fits.performance.predict(p[0], p[1], samples)))
+    return best, "fallback: no LLM rank had a balanced vision rank; best uniform pair"
+
+
+def budget_from(spec: str, base: dict) -> int:
+    """``--budget``: a parameter count (``120000``, ``1.2e5``) or ``uniform:R`` (the
+    parameters of both modules at rank R)."""
+    if spec.startswith("uniform:"):
+        r = int(spec.split(":", 1)[1])
+        if r < 1:
+            raise ValueError(f"--budget {spec}: the rank must be positive")
+        return adapter_parameters(base, r, r)
+    try:
+        value = float(spec)
+    except ValueError:
+        raise ValueError(f"--budget must be a parameter count or uniform:R, got {spec!r}") \
+            from None
+    if value <= 0:
+        raise ValueError(f"--budget must be positive, got {spec}")
+    return int(value)
+
+
+def rank_config(base: dict, r_v: int, r_l: int) -> dict:
+    """The base run config with the chosen ranks: what ``megalora train --config`` takes."""
+    from megalora.mars.probes import probe_overrides
+
+    chosen = probe_overrides(base, r_v, r_l, base["data"]["synthetic_samples"],
+                             base["train"]["steps"], base["train"]["out_dir"])
+    out = json.loads(json.dumps(base))
+    out["lora"] = chosen["lora"]  # only the ranks and alphas change; layout, data, train stay
+    return out
+
+
+def report(fits: Fits, cands: Sequence[Candidate], choice, why: str, budget: int) -> str:
+    p, v, l = fits.performance, fits.vision, fits.llm
+    lines = [
+        f"performance law: L = {p.A:.4g} / (r_v^{p.a_v:.3f} r_l^{p.a_l:.3f} D^{p.b:.3f}) + "
+        f"{p.E:.4g}   (R^2 {p.quality.r2:.3f}, max rel. error {p.quality.max_rel_error:.1%}, "
+        f"{p.quality.n} probes)",
+        f"vision convergence: t = {v.k:.4g} r^{v.gamma:.3f} D^{v.delta:.3f}   (R^2 log "
+        f"{v.quality.r2:.3f}, max rel. error {v.quality.max_rel_error:.1%}, {v.quality.n})",
+        f"LLM convergence:    t = {l.k:.4g} r^{l.gamma:.3f} D^{l.delta:.3f}   (R^2 log "
+        f"{l.quality.r2:.3f}, max rel. error {l.quality.max_rel_error:.1%}, {l.quality.n})",
+        f"budget: {budget:,} trainable adapter parameters",
+        f"{'r_l':>5} {'r_v*':>7} {'r_v':>4} {'params':>10} {'pred. loss':>10} {'t_v':>7} "
+        f"{'t_l':>7}  budget",
+    ]
+    for c in cands:
+        lines.append(f"{c.r_l:>5} {c.r_v_balanced:>7.2f} {c.r_v:>4} {c.params:>10,} "
+                     f"{c.predicted_loss:>10.4f} {c.t_vision:>7.1f} {c.t_llm:>7.1f}  "
+                     f"{'ok' if c.within_budget else 'over'}")
+    lines.append(f"chosen: r_v={choice[0]}, r_l={choice[1]} ({why})")
+    return "\n".join(lines)
+
+
+def as_json(fits: Fits, cands, choice, why, budget) -> dict:
+    return {"performance": dataclasses.asdict(fits.performance),
+            "vision": dataclasses.asdict(fits.vision), "llm": dataclasses.asdict(fits.llm),
+            "candidates": [dataclasses.asdict(c) for c in cands],
+            "choice": {"r_v": choice[0], "r_l": choice[1], "why": why}, "budget": budget}
