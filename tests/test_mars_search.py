@@ -35,8 +35,8 @@ def test_probe_tracking_does_not_change_training_and_is_cached(tmp_path):
     from megalora.mars.probes import probe_overrides
     from megalora.testing.dist import run_distributed
 
-    base, spec = _base(), ProbeSpec(r_v=2, r_l=4, samples=32, steps=12)
-    record = run_probes([spec], base, str(tmp_path), every=3, micro_batch_size=1)[0]
+    base, spec = _base(), ProbeSpec(r_v=2, r_l=4, samples=32, steps=12, batch=1)
+    record = run_probes([spec], base, str(tmp_path), every=3)[0]
     assert record["eval_steps"] == [3, 6, 9, 12] and record["loss"] > 0
     assert len(record["contribution"]["llm"]) == 4 and record["sequences"] == 12 * 2
     tracked = load_file(tmp_path / "runs" / spec.key / "adapter.safetensors")
@@ -48,7 +48,7 @@ def test_probe_tracking_does_not_change_training_and_is_cached(tmp_path):
     assert any(k.startswith("vision.") and k.endswith("lora_A") for k in plain)
     path = tmp_path / "probes" / (spec.key + ".json")
     before = path.stat().st_mtime_ns
-    again = run_probes([spec], base, str(tmp_path), every=3, micro_batch_size=1)[0]
+    again = run_probes([spec], base, str(tmp_path), every=3)[0]
     assert path.stat().st_mtime_ns == before and again["loss"] == record["loss"]
 
 

@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", default="uniform:4")
     p.add_argument("--probe-steps", type=int, default=100)
     p.add_argument("--probe-samples", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--probe-lr", type=float, default=None, help="default: the config's lr")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=None, help="work directory (default: a temporary one)")
     p.add_argument("overrides", nargs="*", help="section.field=value for the base config")
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
                      probe_vision_ranks=[min(args.ranks), max(args.ranks)],
                      probe_llm_ranks=[min(args.ranks), max(args.ranks)],
                      probe_samples=args.probe_samples, probe_steps=args.probe_steps,
-                     probe_batch=1, every=10, jobs=args.jobs, out=os.path.join(out, "mars"))
+                     probe_batch=1, probe_lr=args.probe_lr, every=10, jobs=args.jobs,
+                     out=os.path.join(out, "mars"))
     tick = time.time()
     result = search(cfg, base, progress=lambda m: print(m, file=sys.stderr))
     mars_wall = time.time() - tick

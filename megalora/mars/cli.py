@@ -34,6 +34,8 @@ class MarsConfig:
     """Steps per probe (convergence times beyond it are censored)."""
     probe_batch: Optional[int] = None
     """Micro-batch size of the probes (default: the config's)."""
+    probe_lr: Optional[float] = None
+    """Constant learning rate of the probes (default: the config's peak lr)."""
     every: int = 10
     """Steps between the probes' held-out evaluations (convergence times are multiples)."""
     fraction: float = 0.9
@@ -62,7 +64,8 @@ class MarsConfig:
     def probe_specs(self):
         from megalora.mars.probes import ProbeSpec
 
-        return [ProbeSpec(rv, rl, d, self.probe_steps) for rv, rl, d in itertools.product(
+        return [ProbeSpec(rv, rl, d, self.probe_steps, self.probe_batch, self.probe_lr)
+                for rv, rl, d in itertools.product(
             self.probe_vision_ranks, self.probe_llm_ranks, self.probe_samples)]
 
 
@@ -87,8 +90,7 @@ def search(cfg: MarsConfig, base: dict, progress=print) -> dict:
     full = base["data"]["synthetic_samples"]
     budget = s.budget_from(cfg.budget, base)
     records = run_probes(cfg.probe_specs(), base, cfg.out, jobs=cfg.jobs, every=cfg.every,
-                         fraction=cfg.fraction, micro_batch_size=cfg.probe_batch,
-                         progress=progress)
+                         fraction=cfg.fraction, progress=progress)
     records = s.with_times(records, cfg.fraction)
     fits = s.fit_probes(records)
     cands, fallbacks = s.candidates(fits, cfg.vision_ranks, cfg.llm_ranks, full,
@@ -128,7 +130,8 @@ def add_parser(sub) -> None:
                  "probe_samples"):
         p.add_argument("--" + name.replace("_", "-"), type=int, nargs="+",
                        default=getattr(defaults, name))
-    for name, kind in (("probe_steps", int), ("probe_batch", int), ("every", int),
+    for name, kind in (("probe_steps", int), ("probe_batch", int), ("probe_lr", float),
+                       ("every", int),
                        ("fraction", float), ("jobs", int), ("out", str)):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name))
     p.add_argument("overrides", nargs="*", help="section.field=value for the base config")

@@ -46,14 +46,22 @@ class ProbeSpec:
     r_l: int
     samples: int
     steps: int
+    batch: Optional[int] = None
+    """Micro-batch size (None: the config's)."""
+    lr: Optional[float] = None
+    """Constant learning rate (None: the config's peak lr)."""
 
     @property
     def key(self) -> str:
-        return f"rv{self.r_v}_rl{self.r_l}_d{self.samples}_s{self.steps}"
+        """The cache name: everything that changes the probe's training."""
+        key = f"rv{self.r_v}_rl{self.r_l}_d{self.samples}_s{self.steps}"
+        return key + (f"_b{self.batch}" if self.batch else "") + \
+            (f"_lr{self.lr:g}" if self.lr else "")
 
 
 def probe_overrides(base: dict, r_v: int, r_l: int, samples: int, steps: int, out_dir: str,
-                    micro_batch_size: Optional[int] = None) -> dict:
+                    micro_batch_size: Optional[int] = None, lr: Optional[float] = None
+                    ) -> dict:
     """A run config dict for one probe (or, with the full data size and steps, a final run)."""
     run = json.loads(json.dumps(base))  # deep copy of plain data
     lora = run["lora"]
@@ -66,6 +74,8 @@ def probe_overrides(base: dict, r_v: int, r_l: int, samples: int, steps: int, ou
     run["parallel"] = {"tensor_parallel": 1, "pipeline_parallel": 1, "sequence_parallel": False}
     run["data"]["synthetic_samples"] = samples
     t = run["train"]
+    if lr:
+        t["lr"] = lr
     t.update(steps=steps, out_dir=out_dir, save_every=0, tensorboard=False, resume=False,
              log_every=10 ** 9, min_lr=t["lr"], warmup_steps=min(t["warmup_steps"], steps - 1))
     if micro_batch_size:
@@ -151,14 +161,13 @@ def running_mean(values: Sequence[float], width: int = 3) -> List[float]:
             for i in range(len(values))]
 
 
-def run_probe(spec: ProbeSpec, base: dict, out: str, every: int, fraction: float,
-              micro_batch_size: Optional[int]) -> dict:
+def run_probe(spec: ProbeSpec, base: dict, out: str, every: int, fraction: float) -> dict:
     """Train one probe in this process (a world-1 process group must be possible)."""
     from megalora.umm.config import RunConfig
     from megalora.umm.train import train
 
     cfg = probe_overrides(base, spec.r_v, spec.r_l, spec.samples, spec.steps,
-                          os.path.join(out, "runs", spec.key), micro_batch_size)
+                          os.path.join(out, "runs", spec.key), spec.batch, spec.lr)
     run = RunConfig.from_dict(cfg)
     tracker = ContributionTracker(run, every)
     tick = time.process_time()
@@ -188,8 +197,7 @@ def load_cached(out: str, spec: ProbeSpec) -> Optional[dict]:
         return None  # a torn or foreign file: run the probe again
 
 
-def _worker(specs: List[ProbeSpec], base: dict, out: str, every: int, fraction: float,
-            micro_batch_size: Optional[int]) -> None:
+def _worker(specs: List[ProbeSpec], base: dict, out: str, every: int, fraction: float) -> None:
     import logging
 
     import torch.distributed as dist
@@ -204,7 +212,7 @@ def _worker(specs: List[ProbeSpec], base: dict, out: str, every: int, fraction: 
             os.makedirs(os.path.dirname(log), exist_ok=True)
             with open(log, "w") as fh, contextlib.redirect_stdout(fh), \
                     contextlib.redirect_stderr(fh):
-                record = run_probe(spec, base, out, every, fraction, micro_batch_size)
+                record = run_probe(spec, base, out, every, fraction)
             atomic_write_bytes(_probe_path(out, spec), json.dumps(record, indent=1).encode())
     finally:
         from megatron.core import parallel_state as ps
@@ -215,8 +223,7 @@ def _worker(specs: List[ProbeSpec], base: dict, out: str, every: int, fraction: 
 
 
 def run_probes(specs: Sequence[ProbeSpec], base: dict, out: str, *, jobs: int = 1,
-               every: int = 5, fraction: float = 0.9, micro_batch_size: Optional[int] = None,
-               progress=None) -> List[dict]:
+               every: int = 5, fraction: float = 0.9, progress=None) -> List[dict]:
     """Every probe's record, running the ones not cached on ``jobs`` processes."""
     import multiprocessing as mp
 
@@ -227,8 +234,7 @@ def run_probes(specs: Sequence[ProbeSpec], base: dict, out: str, *, jobs: int = 
             progress(f"running {len(todo)} probes ({len(specs) - len(todo)} cached) on "
                      f"{min(jobs, len(todo))} processes")
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(todo[i::jobs], base, out, every, fraction,
-                                                   micro_batch_size))
+        procs = [ctx.Process(target=_worker, args=(todo[i::jobs], base, out, every, fraction))
                  for i in range(min(jobs, len(todo)))]
         for p in procs:
             p.start()
