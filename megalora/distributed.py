@@ -162,7 +162,8 @@ def _mpi(env: Mapping[str, str], rendezvous: Optional[Callable] = None) -> DistE
                           addr, int(port)), f"{rank_v}, {size_v}, {lrank_v}, {lsize_v}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on every interface of this host now."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -177,7 +178,7 @@ def _mpi_rendezvous(addr: Optional[str], port: Optional[str]) -> dict:
                           "export MASTER_ADDR and MASTER_PORT") from None
     comm = MPI.COMM_WORLD
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    mine = (addr or socket.getfqdn(), int(port) if port else _free_port())
+    mine = (addr or socket.getfqdn(), int(port) if port else free_port())
     addr, port = comm.bcast(mine if comm.Get_rank() == 0 else None, root=0)
     return {"world_size": comm.Get_size(), "local_rank": node.Get_rank(),
             "local_world_size": node.Get_size(), "master_addr": addr, "master_port": port}
@@ -224,7 +225,7 @@ def detect(environ: Optional[Mapping[str, str]] = None, *, mpi_rendezvous=None,
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return _slurm(env, scontrol)
     return DistEnv("none", 0, 1, 0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"),
-                   int(env.get("MASTER_PORT") or _free_port()))
+                   int(env.get("MASTER_PORT") or free_port()))
 
 
 def launcher_rank(environ: Optional[Mapping[str, str]] = None) -> int:

@@ -83,6 +83,13 @@ def probe_overrides(base: dict, r_v: int, r_l: int, samples: int, steps: int, ou
     return run
 
 
+def weighted_loss(run, scalars: dict) -> float:
+    """The model's loss from its text and image parts (``megalora.umm.model.loss_weights``)."""
+    from megalora.umm.model import loss_weights
+
+    return sum(w * scalars[name] for name, w in loss_weights(run).items())
+
+
 def group_of(module_name: str) -> str:
     return "vision" if module_name.startswith("vision.") else "llm"
 
@@ -104,10 +111,9 @@ class ContributionTracker:
         from megalora.umm.train import evaluate
 
         self._evals.load_state_dict(self._start)  # the same held-out batches every time
-        ev = evaluate(model, self.run, self._evals, next(model.parameters()).device,
-                      max_batches=self.eval_batches)
-        return self.run.model.text_loss_weight * ev["text"] + \
-            self.run.model.image_loss_weight * ev["image"]
+        return weighted_loss(self.run, evaluate(model, self.run, self._evals,
+                                                next(model.parameters()).device,
+                                                max_batches=self.eval_batches))
 
     @torch.no_grad()
     def _without(self, model, group: str) -> float:
@@ -173,8 +179,7 @@ def run_probe(spec: ProbeSpec, base: dict, out: str, every: int, fraction: float
     tick = time.process_time()
     result = train(run, on_step=tracker)
     ev = result["eval"]
-    loss = run.model.text_loss_weight * ev["text"] + run.model.image_loss_weight * ev["image"]
-    return {**dataclasses.asdict(spec), "loss": loss, "text": ev["text"], "image": ev["image"],
+    return {**dataclasses.asdict(spec), "loss": weighted_loss(run, ev), "text": ev["text"], "image": ev["image"],
             "t_vision": convergence_step(tracker.steps, tracker.curve["vision"], fraction),
             "t_llm": convergence_step(tracker.steps, tracker.curve["llm"], fraction),
             "eval_steps": tracker.steps, "contribution": tracker.curve,

@@ -24,6 +24,8 @@ import subprocess
 import time
 from typing import Dict, List, Optional
 
+from megalora.distributed import free_port
+
 MUNGE_KEY = "/etc/munge/munge.key"
 
 CONF = """\
@@ -92,7 +94,7 @@ class LocalSlurm:
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
         with open(self.conf, "w") as fh:
             fh.write(CONF.format(host=self.host, cpus=self.cpus, memory=self.memory,
-                                 dir=self.dir, ctld_port=_free_port(), slurmd_port=_free_port()))
+                                 dir=self.dir, ctld_port=free_port(), slurmd_port=free_port()))
         for name in ("slurmctld.pid", "slurmd.pid"):  # stale ones would be read as ours
             if os.path.exists(os.path.join(self.dir, name)):
                 os.remove(os.path.join(self.dir, name))
@@ -191,12 +193,6 @@ class LocalSlurm:
                 raise RuntimeError(f"job {job_id} ended {state} (reason {info.get('Reason')})")
             time.sleep(1)
         raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout:.0f} s")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _read_pid(path: str, timeout: float) -> int:
