@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from megalora.mars.laws import (ConvergenceLaw, FitError, PerformanceLaw, balanced_vision_rank,
-                                fit_convergence, fit_performance, snap)
-from megalora.mars.search import Fits, candidates, choose
+from megalora.mars.laws import (ConvergenceLaw, FitError, FitQuality, PerformanceLaw,
+                                balanced_vision_rank, fit_convergence, fit_performance, snap)
+from megalora.mars.search import Fits, all_pairs, candidates, choose
 
 RANKS = (1, 2, 4, 8, 16)
 SIZES = (32, 64, 128, 256, 512)
@@ -86,6 +86,40 @@ def test_snap_and_choice_under_budget():
     assert choose([], 1700, fits, [1, 2, 4, 8], 100, count)[0] == (4, 4)
     with pytest.raises(FitError, match="no uniform pair"):
         choose([], 300, fits, [1, 2, 4, 8], 100, count)
+
+
+def test_over_budget_balance_is_clipped_to_the_budget():
+    perf = PerformanceLaw(A=10.0, E=0.5, a_v=0.2, a_l=0.3, b=0.3)
+    # t_v = 10 r_v, t_l = 20 r_l: the balanced vision rank is 2 r_l
+    fits = Fits(perf, ConvergenceLaw(10.0, 1.0, 0.0), ConvergenceLaw(20.0, 1.0, 0.0))
+    count = lambda rv, rl: 100 * rv + 300 * rl  # noqa: E731
+    cands, _ = candidates(fits, [1, 2, 4, 8], [1, 2, 4, 8], 100, count, budget=1700)
+    # (8, 4) needs 2,000 -> the largest smaller vision rank that fits, 4; (8, 8) cannot fit
+    assert [(c.r_v, c.r_l) for c in cands] == [(2, 1), (4, 2), (4, 4), (8, 8)]
+    assert [c.within_budget for c in cands] == [True, True, True, False]
+    assert cands[2].r_v_balanced == pytest.approx(8.0)
+    assert choose(cands, 1700, fits, [1, 2, 4, 8], 100, count)[0] == (4, 4)
+
+
+def test_untrusted_balance_chooses_by_the_performance_law_over_every_pair():
+    perf = PerformanceLaw(A=10.0, E=0.5, a_v=0.2, a_l=0.3, b=0.3)
+    good, poor = FitQuality(0.9, 0.05, 6), FitQuality(0.3, 0.4, 6)
+    trusted = Fits(perf, ConvergenceLaw(10.0, 1.0, 0.0, good), ConvergenceLaw(20.0, 1.0, 0.0, good))
+    assert trusted.balance_problem(0.5) is None
+    weak = Fits(perf, trusted.vision, ConvergenceLaw(20.0, 1.0, 0.0, poor))
+    assert weak.balance_problem(0.5) == "llm convergence law R^2 0.30 < 0.5"
+    assert weak.balance_problem(0.2) is None
+    missing = Fits(perf, None, trusted.llm, {"vision": "4 probes, need at least 4"})
+    assert missing.balance_problem(0.5) == "vision convergence: 4 probes, need at least 4"
+    menu, count = [1, 2, 4, 8], (lambda rv, rl: 100 * rv + 300 * rl)  # noqa: E731
+    cands = all_pairs(weak, menu, menu, 100, count, budget=1700)
+    assert len(cands) == 16 and all(math.isnan(c.r_v_balanced) for c in cands)
+    brute = min(((float(perf.predict(rv, rl, 100)), rv, rl) for rv, rl in
+                 itertools.product(menu, menu) if count(rv, rl) <= 1500))
+    choice, why = choose(cands, 1500, weak, menu, 100, count, weak.balance_problem(0.5))
+    assert choice == brute[1:] == (8, 2) and "balance not used: llm convergence law R^2" in why
+    with pytest.raises(FitError, match="no menu pair fits the budget of 300"):
+        choose(cands, 300, weak, menu, 100, count, "x")
 
 
 @pytest.mark.parametrize("points, message", [

@@ -65,13 +65,15 @@ def test_convergence_step_definition():
 
 
 def _fake_probes(out, base, perf, vision, llm, specs):
-    """Probe records as the laws say (no training): the search must read them from the cache."""
+    """Probe records as the laws say (no training): the search must read them from the cache.
+    A law of None: that group never settled (censored)."""
     os.makedirs(out / "probes")
     for sp in specs:
         rec = {"r_v": sp.r_v, "r_l": sp.r_l, "samples": sp.samples, "steps": sp.steps,
                "loss": float(perf.predict(sp.r_v, sp.r_l, sp.samples)), "text": 0.0,
-               "image": 0.0, "t_vision": float(vision.predict(sp.r_v, sp.samples)),
-               "t_llm": float(llm.predict(sp.r_l, sp.samples)), "eval_steps": [],
+               "image": 0.0,
+               "t_vision": vision and float(vision.predict(sp.r_v, sp.samples)),
+               "t_llm": llm and float(llm.predict(sp.r_l, sp.samples)), "eval_steps": [],
                "contribution": {}, "cpu_seconds": 1.0, "sequences": 10}
         (out / "probes" / (sp.key + ".json")).write_text(json.dumps(rec))
 
@@ -112,6 +114,29 @@ def test_search_on_cached_probes_writes_a_trainable_rank_config(tmp_path):
     assert os.path.getsize(tmp_path / "candidates.png") > 5_000
 
 
+def test_search_without_settled_probes_chooses_by_the_performance_law(tmp_path):
+    from megalora.mars.cli import MarsConfig, search
+    from megalora.mars.search import adapter_parameters
+
+    base = _base()
+    perf = PerformanceLaw(A=8.0, E=0.4, a_v=0.15, a_l=0.35, b=0.3)
+    cfg = MarsConfig(budget="uniform:2", vision_ranks=[1, 2, 4, 8], llm_ranks=[1, 2, 4],
+                     probe_vision_ranks=[1, 8], probe_llm_ranks=[1, 4], probe_samples=[32, 128],
+                     probe_steps=40, out=str(tmp_path))
+    _fake_probes(tmp_path, base, perf, ConvergenceLaw(20.0, 0.5, 0.2), None, cfg.probe_specs())
+    messages = []
+    result = search(cfg, base, progress=messages.append)
+    assert result["llm"] is None and "no probe settled (8 of 8" in \
+        result["convergence_problems"]["llm"]
+    assert any(m.startswith("not balancing the ranks: llm convergence") for m in messages)
+    budget, full = result["budget"], base["data"]["synthetic_samples"]
+    brute = min((float(perf.predict(rv, rl, full)), rv, rl) for rv in cfg.vision_ranks
+                for rl in cfg.llm_ranks if adapter_parameters(base, rv, rl) <= budget)
+    assert (result["choice"]["r_v"], result["choice"]["r_l"]) == brute[1:]
+    assert "balance not used" in result["choice"]["why"] and len(result["candidates"]) == 12
+    assert RunConfig.from_yaml(str(tmp_path / "ranks.yaml")).lora.rank == brute[2]
+
+
 def test_rank_search_errors(tmp_path, capsys):
     from megalora.cli import main
     from megalora.mars.cli import MarsConfig
@@ -124,5 +149,7 @@ def test_rank_search_errors(tmp_path, capsys):
     assert "--budget must be a parameter count or uniform:R" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--probe-llm-ranks needs positive integers"):
         MarsConfig(budget="1", probe_llm_ranks=[0, 4])
+    with pytest.raises(ValueError, match="--min-r2 must be in"):
+        MarsConfig(budget="1", min_r2=1.5)
     with pytest.raises(ValueError, match="fewer than 3 evaluations"):
         MarsConfig(budget="1", probe_steps=10, every=5)

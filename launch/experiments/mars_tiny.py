@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=150, help="steps of a full run")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--budget", default="uniform:4")
-    p.add_argument("--probe-steps", type=int, default=100)
+    p.add_argument("--probe-steps", type=int, default=40)
     p.add_argument("--probe-samples", type=int, nargs="+", default=[16, 64])
     p.add_argument("--probe-lr", type=float, default=None, help="default: the config's lr")
     p.add_argument("--jobs", type=int, default=2)
@@ -132,13 +132,17 @@ def main(argv=None) -> int:
     print(f"\nbudget {budget:,} adapter parameters; grid best within it: r_v={best[0]}, "
           f"r_l={best[1]}, held-out {best_loss:.4f}")
     print(f"MARS: r_v={choice[0]}, r_l={choice[1]}, held-out {final['loss']:.4f} "
-          f"({gap:+.2%} vs the grid's best)")
+          f"({gap:+.2%} vs the grid's best): {result['choice']['why']}")
+    p = result["performance"]
+    print(f"performance law: a_v {p['a_v']:.3g}, a_l {p['a_l']:.3g}, b {p['b']:.3g}, "
+          f"R^2 {p['quality']['r2']:.3f}")
     print(f"{'':>6} {'steps':>8} {'sequences':>10} {'CPU s':>8} {'wall s':>7}")
     print(f"{'grid':>6} {grid_cost[0]:>8,} {grid_cost[1]:>10,} {grid_cost[2]:>8.0f} "
           f"{grid_wall:>7.0f}")
     print(f"{'MARS':>6} {mars_cost[0]:>8,} {mars_cost[1]:>10,} {mars_cost[2]:>8.0f} "
           f"{mars_wall:>7.0f}  (probes + one full run)")
     print(f"MARS is {grid_cost[1] / mars_cost[1]:.1f}x cheaper in sequences, "
+          f"{grid_cost[0] / mars_cost[0]:.1f}x in steps, "
           f"{grid_cost[2] / mars_cost[2]:.1f}x in CPU time ({out})")
     return 0
 

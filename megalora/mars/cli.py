@@ -9,6 +9,7 @@ candidates, choice), ``ranks.yaml`` (the run config with the chosen ranks:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -41,6 +42,9 @@ class MarsConfig:
     fraction: float = 0.9
     """A group has converged when its loss contribution reaches this fraction of its peak
     (see megalora.mars.probes)."""
+    min_r2: float = 0.5
+    """Convergence laws with a lower R^2 (log scale) are not trusted: the pair is then chosen by
+    the performance law over every menu pair within the budget, and the report says why."""
     jobs: int = 1
     """Probe processes run at once."""
     out: str = "out/mars"
@@ -58,6 +62,8 @@ class MarsConfig:
         if 3 * self.every > self.probe_steps:
             raise ValueError(f"--every {self.every} leaves fewer than 3 evaluations in "
                              f"--probe-steps {self.probe_steps}")
+        if not 0 <= self.min_r2 <= 1:
+            raise ValueError(f"--min-r2 must be in [0, 1], got {self.min_r2}")
         if not 0 < self.fraction < 1:
             raise ValueError(f"--fraction must be in (0, 1), got {self.fraction}")
 
@@ -93,11 +99,17 @@ def search(cfg: MarsConfig, base: dict, progress=print) -> dict:
                          fraction=cfg.fraction, progress=progress)
     records = s.with_times(records, cfg.fraction)
     fits = s.fit_probes(records)
-    cands, fallbacks = s.candidates(fits, cfg.vision_ranks, cfg.llm_ranks, full,
-                                    lambda rv, rl: s.adapter_parameters(base, rv, rl), budget)
+    count = functools.lru_cache(maxsize=None)(lambda rv, rl: s.adapter_parameters(base, rv, rl))
+    problem = fits.balance_problem(cfg.min_r2)
+    if problem:
+        progress(f"not balancing the ranks: {problem}")
+        cands, fallbacks = s.all_pairs(fits, cfg.vision_ranks, cfg.llm_ranks, full, count,
+                                       budget), 0
+    else:
+        cands, fallbacks = s.candidates(fits, cfg.vision_ranks, cfg.llm_ranks, full, count,
+                                        budget)
     uniform = sorted(set(cfg.vision_ranks) & set(cfg.llm_ranks))
-    choice, why = s.choose(cands, budget, fits, uniform, full,
-                           lambda rv, rl: s.adapter_parameters(base, rv, rl))
+    choice, why = s.choose(cands, budget, fits, uniform, full, count, problem)
     text = s.report(fits, cands, choice, why, budget)
     result = {**s.as_json(fits, cands, choice, why, budget), "fallbacks": fallbacks,
               "probes": records,
@@ -131,7 +143,7 @@ def add_parser(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=int, nargs="+",
                        default=getattr(defaults, name))
     for name, kind in (("probe_steps", int), ("probe_batch", int), ("probe_lr", float),
-                       ("every", int),
+                       ("every", int), ("min_r2", float),
                        ("fraction", float), ("jobs", int), ("out", str)):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name))
     p.add_argument("overrides", nargs="*", help="section.field=value for the base config")

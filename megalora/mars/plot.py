@@ -31,14 +31,19 @@ def laws(fits, records, out: str) -> str:
                    if r["samples"] == d and r[f"t_{group}"] is not None]
             if pts:
                 ax.scatter(*zip(*pts), color=color)
-            grid = np.geomspace(min(r[rank] for r in records), max(r[rank] for r in records), 50)
-            ax.plot(grid, law.predict(grid, d), color=color, label=f"D={d}")
+            if law is not None:
+                grid = np.geomspace(min(r[rank] for r in records),
+                                    max(r[rank] for r in records), 50)
+                ax.plot(grid, law.predict(grid, d), color=color, label=f"D={d}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(f"{group} rank")
         ax.set_ylabel("convergence step")
-        ax.set_title(f"{group}: t = {law.k:.3g} r^{law.gamma:.2f} D^{law.delta:.2f}")
-        ax.legend(fontsize=7)
+        ax.set_title(f"{group}: not fitted" if law is None else
+                     f"{group}: t = {law.k:.3g} r^{law.gamma:.2f} D^{law.delta:.2f} "
+                     f"(R^2 {law.quality.r2:.2f})")
+        if law is not None:
+            ax.legend(fontsize=7)
     p = fits.performance
     ax = axes[2]
     for i, (rv, d) in enumerate(sorted({(r["r_v"], r["samples"]) for r in records})):
@@ -62,10 +67,13 @@ def laws(fits, records, out: str) -> str:
 
 
 def candidates(cands, choice, out: str) -> str:
-    """Predicted loss of each balanced candidate; over-budget ones hatched, the choice red."""
+    """Predicted loss of each candidate (balanced, or every menu pair when the balance was not
+    used); over-budget ones hatched, the choice red."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [f"({c.r_v},{c.r_l})" for c in cands]
+    if len(cands) > 12:
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     colors = ["C3" if (c.r_v, c.r_l) == tuple(choice) else "C0" for c in cands]
     bars = ax.bar(labels, [c.predicted_loss for c in cands], color=colors)
     for bar, c in zip(bars, cands):
@@ -78,7 +86,9 @@ def candidates(cands, choice, out: str) -> str:
         lo = min(c.predicted_loss for c in cands)
         hi = max(c.predicted_loss for c in cands)
         ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
-    ax.set_title("MARS candidates (balanced vision rank per LLM rank)")
+    balanced = any(np.isfinite(c.r_v_balanced) for c in cands)
+    ax.set_title("MARS candidates (balanced vision rank per LLM rank)" if balanced else
+                 "MARS candidates (every menu pair: convergence laws not trusted)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -4,14 +4,21 @@ The performance law falls in both ranks, so "the best predicted loss" alone alwa
 largest pair; the choice is made under a trainable-parameter budget (the adapter parameters
 the trainer would build, counted exactly by ``megalora plan``'s model at TP = PP = 1), by
 default that of a uniform-rank baseline.
+
+The balance step trusts the convergence laws only when both fit (R^2 on the log scale at
+least ``min_r2``). Otherwise the search says why and chooses by the performance law alone over
+every menu pair within the budget: acting on a law that explains less than half of what was
+measured would pick the vision rank at random (tiny UMM: LLM convergence R^2 0.26, vision
+0.59, and its choice cost 1.85 % of held-out loss against the grid's best).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from megalora.mars.laws import (ConvergenceLaw, FitError, PerformanceLaw, balanced_vision_rank,
                                 fit_convergence, fit_performance, snap)
@@ -20,8 +27,20 @@ from megalora.mars.laws import (ConvergenceLaw, FitError, PerformanceLaw, balanc
 @dataclass(frozen=True)
 class Fits:
     performance: PerformanceLaw
-    vision: ConvergenceLaw
-    llm: ConvergenceLaw
+    vision: Optional[ConvergenceLaw]
+    """None when the vision group's convergence law could not be fitted (see ``problems``)."""
+    llm: Optional[ConvergenceLaw]
+    problems: Dict[str, str] = dataclasses.field(default_factory=dict)
+    """Per group, why its convergence law could not be fitted."""
+
+    def balance_problem(self, min_r2: float) -> Optional[str]:
+        """Why the balanced vision rank cannot be trusted (None when it can)."""
+        why = [f"{g} convergence: {self.problems[g]}" for g in ("vision", "llm")
+               if g in self.problems]
+        for group, law in (("vision", self.vision), ("llm", self.llm)):
+            if law is not None and law.quality is not None and law.quality.r2 < min_r2:
+                why.append(f"{group} convergence law R^2 {law.quality.r2:.2f} < {min_r2:g}")
+        return "; ".join(why) or None
 
 
 def with_times(records: Sequence[dict], fraction: float) -> List[dict]:
@@ -42,19 +61,23 @@ def with_times(records: Sequence[dict], fraction: float) -> List[dict]:
 
 def fit_probes(records: Sequence[dict]) -> Fits:
     """All three laws from probe records (see ``megalora.mars.probes``); censored convergence
-    times are left out."""
+    times are left out. A convergence law that cannot be fitted is None, with the reason in
+    ``Fits.problems``; a performance law that cannot be fitted raises FitError."""
     perf = fit_performance([(r["r_v"], r["r_l"], r["samples"], r["loss"]) for r in records])
-    conv = {}
+    conv, problems = {}, {}
     for group, rank in (("vision", "r_v"), ("llm", "r_l")):
         points = [(r[rank], r["samples"], r[f"t_{group}"]) for r in records
                   if r[f"t_{group}"] is not None]
+        censored = sum(r[f"t_{group}"] is None for r in records)
         try:
+            if not points:
+                raise FitError("no probe settled")
             conv[group] = fit_convergence(points)
         except FitError as exc:
-            censored = sum(r[f"t_{group}"] is None for r in records)
-            raise FitError(f"{group} convergence: {exc} ({censored} of {len(records)} probes "
-                           "never settled: lengthen --probe-steps or lower --fraction)") from None
-    return Fits(perf, conv["vision"], conv["llm"])
+            conv[group] = None
+            problems[group] = (f"{exc} ({censored} of {len(records)} probes never settled: "
+                               "lengthen --probe-steps or lower --fraction)")
+    return Fits(perf, conv["vision"], conv["llm"], problems)
 
 
 def adapter_parameters(base: dict, r_v: int, r_l: int) -> int:
@@ -73,6 +96,7 @@ class Candidate:
     r_v: int
     r_l: int
     r_v_balanced: float
+    """The balanced vision rank before snapping (NaN: not from the balance)."""
     params: int
     predicted_loss: float
     t_vision: float
@@ -80,10 +104,17 @@ class Candidate:
     within_budget: bool
 
 
+def _times(fits: Fits, r_v: int, r_l: int, samples: int) -> Tuple[float, float]:
+    return tuple(float(law.predict(r, samples)) if law is not None else math.nan
+                 for law, r in ((fits.vision, r_v), (fits.llm, r_l)))
+
+
 def candidates(fits: Fits, vision_menu: Sequence[int], llm_menu: Sequence[int],
                samples: int, count, budget: int) -> Tuple[List[Candidate], int]:
-    """Prune: for each LLM rank the balanced vision rank, snapped to the menu (deduplicated).
-    Returns the candidates and how many LLM ranks had no balanced rank (fallback count)."""
+    """Prune: for each LLM rank the balanced vision rank, snapped to the menu on a log scale;
+    when that pair is over the budget, the largest smaller vision rank that fits (the nearest
+    to balance the budget allows). Deduplicated. Returns the candidates and how many LLM ranks
+    had no balanced rank (fallback count)."""
     out: Dict[Tuple[int, int], Candidate] = {}
     fallbacks = 0
     for r_l in sorted(llm_menu):
@@ -92,30 +123,50 @@ def candidates(fits: Fits, vision_menu: Sequence[int], llm_menu: Sequence[int],
             fallbacks += 1
             continue
         r_v = snap(r_star, vision_menu)
+        if count(r_v, r_l) > budget:
+            r_v = max((r for r in vision_menu if r <= r_v and count(r, r_l) <= budget),
+                      default=r_v)
         if (r_v, r_l) in out:
             continue
         params = count(r_v, r_l)
         out[(r_v, r_l)] = Candidate(
             r_v, r_l, r_star, params, float(fits.performance.predict(r_v, r_l, samples)),
-            float(fits.vision.predict(r_v, samples)), float(fits.llm.predict(r_l, samples)),
-            params <= budget)
+            *_times(fits, r_v, r_l, samples), params <= budget)
     return list(out.values()), fallbacks
 
 
+def all_pairs(fits: Fits, vision_menu: Sequence[int], llm_menu: Sequence[int], samples: int,
+              count, budget: int) -> List[Candidate]:
+    """Every menu pair, scored by the performance law alone (no balance)."""
+    out = []
+    for r_l in sorted(llm_menu):
+        for r_v in sorted(vision_menu):
+            params = count(r_v, r_l)
+            out.append(Candidate(r_v, r_l, math.nan, params,
+                                 float(fits.performance.predict(r_v, r_l, samples)),
+                                 *_times(fits, r_v, r_l, samples), params <= budget))
+    return out
+
+
 def choose(cands: Sequence[Candidate], budget: int, fits: Fits, uniform: Sequence[int],
-           samples: int, count) -> Tuple[Tuple[int, int], str]:
-    """The candidate with the best predicted loss within the budget; when pruning left no
-    candidate (no balanced rank), the uniform pair (r, r) within the budget with the best
-    predicted loss."""
+           samples: int, count, balance_problem: Optional[str] = None
+           ) -> Tuple[Tuple[int, int], str]:
+    """The candidate with the best predicted loss within the budget (ties: fewer parameters).
+    With ``balance_problem`` the candidates are every menu pair (``all_pairs``) and the reason
+    is part of the answer; when pruning left no candidate (no balanced rank), the uniform pair
+    (r, r) within the budget with the best predicted loss."""
     within = [c for c in cands if c.params <= budget]
     if within:
         best = min(within, key=lambda c: (c.predicted_loss, c.params))
+        if balance_problem:
+            return (best.r_v, best.r_l), ("best predicted loss of every menu pair within the "
+                                          f"budget; balance not used: {balance_problem}")
         return (best.r_v, best.r_l), "best predicted loss within the budget"
     if cands:
         smallest = min(c.params for c in cands)
-        raise FitError(f"no balanced candidate fits the budget of {budget:,} parameters (the "
-                       f"smallest needs {smallest:,}); raise --budget or add smaller ranks to "
-                       "the menus")
+        raise FitError(f"no {'menu pair' if balance_problem else 'balanced candidate'} fits "
+                       f"the budget of {budget:,} parameters (the smallest needs {smallest:,}); "
+                       "raise --budget or add smaller ranks to the menus")
     pairs = [(r, r) for r in uniform if count(r, r) <= budget]
     if not pairs:
         raise FitError(f"no balanced rank and no uniform pair of the menus within the budget "
@@ -153,16 +204,22 @@ def rank_config(base: dict, r_v: int, r_l: int) -> dict:
     return out
 
 
+def _law_line(name: str, law: Optional[ConvergenceLaw], problem: Optional[str]) -> str:
+    if law is None:
+        return f"{name} convergence: not fitted ({problem})"
+    q = law.quality
+    return (f"{name} convergence: t = {law.k:.4g} r^{law.gamma:.3f} D^{law.delta:.3f}   (R^2 log "
+            f"{q.r2:.3f}, max rel. error {q.max_rel_error:.1%}, {q.n} probes)")
+
+
 def report(fits: Fits, cands: Sequence[Candidate], choice, why: str, budget: int) -> str:
-    p, v, l = fits.performance, fits.vision, fits.llm
+    p = fits.performance
     lines = [
         f"performance law: L = {p.A:.4g} / (r_v^{p.a_v:.3f} r_l^{p.a_l:.3f} D^{p.b:.3f}) + "
         f"{p.E:.4g}   (R^2 {p.quality.r2:.3f}, max rel. error {p.quality.max_rel_error:.1%}, "
         f"{p.quality.n} probes)",
-        f"vision convergence: t = {v.k:.4g} r^{v.gamma:.3f} D^{v.delta:.3f}   (R^2 log "
-        f"{v.quality.r2:.3f}, max rel. error {v.quality.max_rel_error:.1%}, {v.quality.n})",
-        f"LLM convergence:    t = {l.k:.4g} r^{l.gamma:.3f} D^{l.delta:.3f}   (R^2 log "
-        f"{l.quality.r2:.3f}, max rel. error {l.quality.max_rel_error:.1%}, {l.quality.n})",
+        _law_line("vision", fits.vision, fits.problems.get("vision")),
+        _law_line("LLM", fits.llm, fits.problems.get("llm")),
         f"budget: {budget:,} trainable adapter parameters",
         f"{'r_l':>5} {'r_v*':>7} {'r_v':>4} {'params':>10} {'pred. loss':>10} {'t_v':>7} "
         f"{'t_l':>7}  budget",
@@ -176,7 +233,10 @@ def report(fits: Fits, cands: Sequence[Candidate], choice, why: str, budget: int
 
 
 def as_json(fits: Fits, cands, choice, why, budget) -> dict:
-    return {"performance": dataclasses.asdict(fits.performance),
-            "vision": dataclasses.asdict(fits.vision), "llm": dataclasses.asdict(fits.llm),
+    def law(x):
+        return None if x is None else dataclasses.asdict(x)
+
+    return {"performance": law(fits.performance), "vision": law(fits.vision),
+            "llm": law(fits.llm), "convergence_problems": fits.problems,
             "candidates": [dataclasses.asdict(c) for c in cands],
             "choice": {"r_v": choice[0], "r_l": choice[1], "why": why}, "budget": budget}
