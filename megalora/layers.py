@@ -66,6 +66,8 @@ class LoRAMixin:
         self.lora_deterministic = deterministic
         self.lora_merged_head: Optional[int] = None
         self.lora_enabled = True
+        self.lora_rank_mask: Optional[torch.Tensor] = None
+        """[rank] 0/1 (``megalora.hydra.masking``): None = every rank active."""
         self._lora_runtime = runtime
         self._lora_tape = LayerStateTape()
         self._lora_name_hash = zlib.crc32(name.encode())
@@ -163,6 +165,8 @@ class LoRAMixin:
         z = self._lora_exchange(z)
         logits = z[:, s.rank:] if self.lora_router is not None else None
         z = z[:, :s.rank]
+        if self.lora_rank_mask is not None:  # HyDRA: ranks beyond the allocation are off
+            z = z * self.lora_rank_mask.to(device=z.device, dtype=z.dtype)
         ids_out = None
         if s.routing == "modality":
             ids_out = head_ids
@@ -231,7 +235,10 @@ class LoRAMixin:
         Local in both layouts: column (out/TP, r) @ (r, in); row (out, r) @ (r, in/TP).
         """
         dtype = self._merge_dtype()
-        return self.lora_settings.scale * (self.lora_B[head].to(dtype) @ self.lora_A.to(dtype))
+        a = self.lora_A.to(dtype)
+        if self.lora_rank_mask is not None:
+            a = a * self.lora_rank_mask.to(device=a.device, dtype=dtype)[:, None]
+        return self.lora_settings.scale * (self.lora_B[head].to(dtype) @ a)
 
     @torch.no_grad()
     def lora_merge(self, head: Optional[int] = None) -> None:

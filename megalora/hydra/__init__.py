@@ -1,0 +1,1 @@
+"""HyDRA: hierarchical, dynamic LoRA ranks under a fixed parameter budget."""
