@@ -85,5 +85,9 @@ setup(
         "tensorboard": ["tensorboard>=2.10"],
         # launch/mpirun.sh: the rendezvous broadcast (use your cluster's MPI, or pip's mpich)
         "mpi": ["mpi4py>=3.1"],
+        # MARS (megalora rank-search): law fitting and plots
+        "mars": ["scipy>=1.10", "matplotlib>=3.7"],
+        # HyDRA (hydra.enabled): the performance model and the allocation heatmap
+        "hydra": ["scikit-learn>=1.3", "matplotlib>=3.7"],
     },
 )

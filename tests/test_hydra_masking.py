@@ -202,3 +202,24 @@ def test_effective_parameters_sum_over_stages_and_agree_over_tp():
     assert sorted(stage0) == sorted(n for n in names if int(n.split(".")[2]) < 2)
     assert sorted({**stage0, **stage1}) == sorted(names)
     assert results[0][(2, 1)][1] == results[1][(2, 1)][1] == {**stage0, **stage1}
+
+
+def test_reset_optimizer_copies_masters_and_zeroes_moments():
+    from megalora.umm.optim import AdapterOptimizer
+
+    model = torch.nn.Linear(4, 3).to(torch.bfloat16)  # low-precision params: fp32 masters
+    opt = AdapterOptimizer(model, lr=0.1)
+    plain = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
+    for o, params in ((opt.opt, opt.masters), (plain, plain.param_groups[0]["params"])):
+        for p in params:
+            o.state[p] = {"exp_avg": torch.ones_like(p), "exp_avg_sq": torch.ones_like(p),
+                          "step": torch.tensor(3.0)}
+    with torch.no_grad():
+        model.weight.fill_(0.5)  # a truncation rewrote the model's parameter
+    assert masking.reset_optimizer(opt, [model.weight]) == 1
+    master = opt.masters[0]
+    assert torch.equal(master, torch.full((3, 4), 0.5)) and master.dtype == torch.float32
+    assert not opt.opt.state[master]["exp_avg"].any() and opt.opt.state[master]["step"] == 3
+    assert opt.opt.state[opt.masters[1]]["exp_avg"].all()  # the bias was not touched
+    p = plain.param_groups[0]["params"][0]
+    assert masking.reset_optimizer(plain, [p]) == 1 and not plain.state[p]["exp_avg_sq"].any()

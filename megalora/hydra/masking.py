@@ -54,6 +54,14 @@ def get_rank(module: LoRAMixin) -> int:
     return int(module.lora_rank_mask.sum().item())
 
 
+@torch.no_grad()
+def start_at(module: LoRAMixin, k: int) -> None:
+    """The first allocation of a freshly built adapter: rank k, with B zero beyond it, so that
+    switching a rank on later leaves the output unchanged (any init_b)."""
+    set_rank(module, k)
+    module.lora_B[..., k:] = 0
+
+
 def set_rank(module: LoRAMixin, k: int) -> None:
     """Switch on ranks 0..k-1 only (0 <= k <= built rank). No weights change."""
     r = max_rank(module)
@@ -128,10 +136,13 @@ def truncate_(module: LoRAMixin, k: int, seed: int = 0) -> torch.Tensor:
     root_s = sv[:k].sqrt()
     new_b = (b2 @ rb_inv @ u[:, :k]) * root_s[None, :]             # [K out_local, k]
     new_a = root_s[:, None] * (vh[:k] @ ra_inv.t() @ a)            # [k, in_local]
+    # kept ranks without signal (the update has rank < k, e.g. B still zero early on) restart
+    # as fresh LoRA ranks: zero A and B rows would be a saddle with zero gradients forever
+    live = sv[:k] > 1e-12 * max(float(sv[0]), 0.0) if k else sv[:0] > 0
     a_out = _fresh_rows(module, seed).to(torch.float64)
-    a_out[:k] = new_a
+    a_out[:k][live] = new_a[live]
     b_out = torch.zeros_like(b2)
-    b_out[:, :k] = new_b
+    b_out[:, :k] = new_b * live.to(new_b.dtype)[None, :]
     module.lora_A.copy_(a_out.to(module.lora_A.dtype))
     module.lora_B.copy_(b_out.reshape(heads, out_local, r).to(module.lora_B.dtype))
     set_rank(module, k)
@@ -151,19 +162,44 @@ def _fresh_rows(module: LoRAMixin, seed: int) -> torch.Tensor:
                  lay.tp_size).to(module.lora_A.device)
 
 
-def reset_moments(optimizer, params) -> int:
-    """Zero the optimizer's per-parameter state tensors (Adam's moments) of ``params``: after a
-    truncation the factors live in a new basis. Returns how many tensors were reset. Works for
-    torch optimizers and megatron-core's (its inner ``optimizer``) when state is keyed by the
-    model's parameters (fp32 training)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    state, count = getattr(inner, "state", {}), 0
-    for p in params:
-        for value in state.get(p, {}).values():
-            if torch.is_tensor(value) and value.shape == p.shape:
-                value.zero_()
-                count += 1
-    return count
+def _masters(optimizer):
+    """(torch optimizer, {id(model param): master param}) pairs inside ``optimizer``: megalora's
+    AdapterOptimizer (fp32 masters of low-precision adapters), megatron-core's optimizers
+    (chained, fp32, or fp16/bf16 with fp32 main params) or a plain torch optimizer."""
+    if hasattr(optimizer, "masters") and hasattr(optimizer, "params"):  # AdapterOptimizer
+        return [(optimizer.opt, {id(p): m for p, m in zip(optimizer.params, optimizer.masters)})]
+    inner = getattr(optimizer, "opt", optimizer)  # MegatronAdapterOptimizer
+    out = []
+    for opt in getattr(inner, "chained_optimizers", [inner]):
+        mapping = {}
+        for model_group, main_group in zip(getattr(opt, "float16_groups", []),
+                                           getattr(opt, "fp32_from_float16_groups", [])):
+            mapping.update({id(p): m for p, m in zip(model_group, main_group)})
+        torch_opt = getattr(opt, "optimizer", opt)
+        for group in torch_opt.param_groups:
+            mapping.update({id(p): p for p in group["params"] if id(p) not in mapping})
+        out.append((torch_opt, mapping))
+    return out
+
+
+@torch.no_grad()
+def reset_optimizer(optimizer, params) -> int:
+    """After ``params`` were rewritten (a truncation: a new basis), copy them into their fp32
+    master copies and zero their per-parameter optimizer state (Adam's moments). Returns how
+    many parameters were found."""
+    found = 0
+    for torch_opt, mapping in _masters(optimizer):
+        for p in params:
+            master = mapping.get(id(p))
+            if master is None:
+                continue
+            found += 1
+            if master is not p:
+                master.copy_(p.to(master.dtype))
+            for value in torch_opt.state.get(master, {}).values():
+                if torch.is_tensor(value) and value.shape == master.shape:
+                    value.zero_()
+    return found
 
 
 def effective_parameters_of(ranks: Dict[str, int], costs: Dict[str, int]) -> int:

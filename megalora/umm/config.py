@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from megalora.config import LoRAConfig
+from megalora.hydra.config import HydraConfig
 from megalora.pareto.engine import ParetoConfig
 
 
@@ -217,7 +218,8 @@ class TrainConfig:
 
 
 SECTIONS = {"model": UMMModelConfig, "vision": VisionConfig, "parallel": ParallelConfig,
-            "data": DataConfig, "train": TrainConfig, "pareto": ParetoConfig}
+            "data": DataConfig, "train": TrainConfig, "pareto": ParetoConfig,
+            "hydra": HydraConfig}
 
 
 @dataclass
@@ -231,6 +233,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     pareto: ParetoConfig = field(default_factory=ParetoConfig)
     """Pareto LoRA (per-objective gradients combined per group); off by default."""
+    hydra: HydraConfig = field(default_factory=HydraConfig)
+    """HyDRA: per-module ranks under a budget, rescheduled during training; off by default."""
 
     def __post_init__(self):
         self.model.validate()
@@ -238,6 +242,8 @@ class RunConfig:
         self.parallel.validate(self.model)
         self.data.validate(self.model)
         self.train.validate()
+        if self.hydra.enabled:
+            self.hydra.validate(self.lora.rank)
         from megalora.pareto.groups import group_names
         group_names(self.pareto.groups, self.model.num_layers)
         tp = self.parallel.tensor_parallel

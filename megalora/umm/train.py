@@ -329,6 +329,10 @@ def train(run: RunConfig, max_steps_this_run: int = 0, on_step=None) -> dict:
         if rank0:
             print(report, flush=True)
         optimizer, runner = _optimizer(run, model, device)
+        hydra = None
+        if run.hydra.enabled:
+            from megalora.hydra.scheduler import HydraScheduler
+            hydra = HydraScheduler.for_run(run, model)
         engine = None
         if run.pareto.enabled:
             from megalora.pareto.engine import ParetoEngine
@@ -337,7 +341,7 @@ def train(run: RunConfig, max_steps_this_run: int = 0, on_step=None) -> dict:
         stream, evals = _streams(run, train_set, held_out)
         eval_start = evals.state_dict() if evals else None
         job = _Job(run, device, model, runner, optimizer, engine, stream, preempt,
-                   on_step=on_step)
+                   on_step=on_step, hydra=hydra)
         start, ckpt = _resume(job)
         job.log = _Logger(run, start, rank0)
         if engine is not None and rank0:
@@ -349,6 +353,12 @@ def train(run: RunConfig, max_steps_this_run: int = 0, on_step=None) -> dict:
         _summarise(job, result["losses"], start, ckpt)
         if not result["stopped_early"]:
             result.update(_finish(run, runner, evals, eval_start, device, job.log))
+            if hydra is not None:
+                from megalora.hydra.report import finish
+                result["hydra"] = finish(hydra, run, rank0)
+                job.log.message(f"HyDRA: {result['hydra']['params']:,} of "
+                                f"{hydra.budget:,} budget parameters; ranks in "
+                                f"{result['hydra']['config']}, {result['hydra']['plot']}")
         job.log.close()
     preempt.restore()
     return result
@@ -371,6 +381,8 @@ class _Job:
     log: Optional[_Logger] = None
     on_step: Optional[object] = None
     """Called as on_step(step, model, scalars) after each optimizer step."""
+    hydra: Optional[object] = None
+    """HydraScheduler or None."""
 
 
 def _resume(job: _Job):
@@ -389,6 +401,11 @@ def _resume(job: _Job):
                              f"pareto.objectives={job.engine.objectives}; keep the objectives "
                              "of the run you resume, or start afresh with train.resume=false")
         job.engine.loss_weights = saved
+    if job.hydra is not None:
+        if "hydra" not in state.get("extra", {}):
+            raise ValueError(f"{ckpt} was saved without HyDRA (hydra.enabled=false): resume it "
+                             "the same way, or start afresh with train.resume=false")
+        job.hydra.load_state_dict(state["extra"]["hydra"], state["step"])
     return state["step"], ckpt
 
 
@@ -417,6 +434,10 @@ def _loop(job: _Job, start: int, max_steps_this_run: int) -> dict:
         history.append(scalars)
         if job.on_step is not None:
             job.on_step(step, job.model, scalars)
+        if job.hydra is not None:
+            from megalora.umm.model import loss_weights
+            job.hydra.after_step(step, job.optimizer, sum(
+                w * scalars[k] for k, w in loss_weights(run).items()))
         if engine is not None and engine.last is not None and engine.last["step"] == step:
             pareto_history.append(engine.last)
             log.pareto(engine.last, run)
@@ -426,7 +447,9 @@ def _loop(job: _Job, start: int, max_steps_this_run: int) -> dict:
             max_steps_this_run and step - start >= max_steps_this_run)
         if stop or (run.train.save_every and step % run.train.save_every == 0) \
                 or step == run.train.steps:
-            extra = {"pareto_loss_weights": engine.loss_weights} if engine else None
+            extra = {"pareto_loss_weights": engine.loss_weights} if engine else {}
+            if job.hydra is not None:
+                extra["hydra"] = job.hydra.state_dict()
             save_checkpoint(run.train.out_dir, step, job.model, job.optimizer,
                             job.stream.state_dict(), run.to_dict(), extra=extra)
         if stop:
