@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Tuple
 
 import torch
 import torch.distributed as dist
@@ -200,24 +200,3 @@ def reset_optimizer(optimizer, params) -> int:
                 if torch.is_tensor(value) and value.shape == master.shape:
                     value.zero_()
     return found
-
-
-def effective_parameters_of(ranks: Dict[str, int], costs: Dict[str, int]) -> int:
-    """The count ``effective_parameters`` would give for an allocation (no model needed)."""
-    missing = sorted(set(ranks) - set(costs))
-    if missing:
-        raise KeyError(f"no rank cost for {missing[:3]}")
-    return sum(k * costs[name] for name, k in ranks.items())
-
-
-def costs(model) -> Dict[str, int]:
-    return {name: rank_cost(m) for name, m in adapted_modules(model)}
-
-
-def clear(model) -> Optional[int]:
-    """Every module back to its built rank (masks removed); returns how many were masked."""
-    n = 0
-    for _, m in adapted_modules(model):
-        n += m.lora_rank_mask is not None
-        m.lora_rank_mask = None
-    return n
