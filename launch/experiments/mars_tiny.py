@@ -32,9 +32,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=150, help="steps of a full run")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--budget", default="uniform:4")
-    p.add_argument("--probe-steps", type=int, default=40)
+    p.add_argument("--probe-steps", type=int, default=10)
     p.add_argument("--probe-samples", type=int, nargs="+", default=[16, 64])
     p.add_argument("--probe-lr", type=float, default=None, help="default: the config's lr")
+    p.add_argument("--every", type=int, default=3, help="steps between a probe's evaluations")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default=None, help="work directory (default: a temporary one)")
     p.add_argument("overrides", nargs="*", help="section.field=value for the base config")
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
                      probe_vision_ranks=[min(args.ranks), max(args.ranks)],
                      probe_llm_ranks=[min(args.ranks), max(args.ranks)],
                      probe_samples=args.probe_samples, probe_steps=args.probe_steps,
-                     probe_batch=1, probe_lr=args.probe_lr, every=10, jobs=args.jobs,
+                     probe_batch=1, probe_lr=args.probe_lr, every=args.every, jobs=args.jobs,
                      out=os.path.join(out, "mars"))
     tick = time.time()
     result = search(cfg, base, progress=lambda m: print(m, file=sys.stderr))
