@@ -53,7 +53,8 @@ def lora_parameters(model: ModelLike) -> List[LoRAParam]:
     return out
 
 
-def _grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+def grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """The parameter's gradient: Megatron DDP's ``main_grad`` when it has one, else ``grad``."""
     main = getattr(param, "main_grad", None)
     return main if main is not None else param.grad
 
@@ -64,7 +65,7 @@ def finalize_lora_grads(model: ModelLike) -> int:
     many tensors were reduced."""
     by_group = {}
     for item in lora_parameters(model):
-        grad = _grad_of(item.param)
+        grad = grad_of(item.param)
         if grad is None or not getattr(item.param, "sequence_parallel", False):
             continue
         for tensor in (grad, getattr(item.param, "grad_split", None)):
@@ -90,7 +91,7 @@ def full_lora_grads(model: ModelLike) -> dict:
     for layer in lora_modules(model):
         specs = factor_shardings(layer.lora_layout)
         for factor, param in layer.lora_parameters().items():
-            grad = _grad_of(param)
+            grad = grad_of(param)
             if grad is not None:
                 out[f"{layer.lora_name}.{factor}"] = _gather_full(grad, specs[factor],
                                                                   layer.lora_layout)

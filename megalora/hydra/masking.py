@@ -82,9 +82,11 @@ def rank_cost(module: LoRAMixin) -> int:
 def effective_parameters(model, pp_group=None) -> int:
     """Adapter parameters at the active ranks (rank-independent router weights excluded), over
     every pipeline stage when ``pp_group`` is given."""
-    total = sum(get_rank(m) * rank_cost(m) for _, m in adapted_modules(model))
+    modules = [m for _, m in adapted_modules(model)]
+    total = sum(get_rank(m) * rank_cost(m) for m in modules)
     if pp_group is not None and dist.is_initialized() and dist.get_world_size(pp_group) > 1:
-        t = torch.tensor([total], dtype=torch.float64)
+        device = modules[0].lora_A.device if modules else torch.device("cpu")  # NCCL: CUDA
+        t = torch.tensor([total], dtype=torch.float64, device=device)
         dist.all_reduce(t, group=pp_group)
         total = int(t.item())
     return total

@@ -42,13 +42,19 @@ from megalora.hydra.allocation import ATTENTION, Knobs, Module, position, ranks_
     step_toward, uniform_budget
 
 
+def _gather_stages(obj, pp_group) -> list:
+    """``obj`` of every pipeline stage (a list of one outside pipeline parallelism)."""
+    if pp_group is None or not dist.is_initialized() or dist.get_world_size(pp_group) == 1:
+        return [obj]
+    parts = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(parts, obj, group=pp_group)
+    return parts
+
+
 def _gather_modules(local: Dict[str, masking.LoRAMixin], pp_group) -> List[Module]:
     mine = [Module(n, masking.rank_cost(m), masking.max_rank(m)) for n, m in local.items()]
-    if pp_group is not None and dist.is_initialized() and dist.get_world_size(pp_group) > 1:
-        parts = [None] * dist.get_world_size(pp_group)
-        dist.all_gather_object(parts, mine, group=pp_group)
-        mine = [Module(*x) for part in parts for x in part]
-    return sorted(mine, key=lambda m: m.name)
+    return sorted((Module(*x) for part in _gather_stages(mine, pp_group) for x in part),
+                  key=lambda m: m.name)
 
 
 def shares(values: Dict[str, float]) -> List[float]:
@@ -76,6 +82,9 @@ class HydraScheduler:
         self.model, self.out_dir = model, out_dir
         self.tp_group, self.pp_group = tp_group, pp_group
         self.local = dict(masking.adapted_modules(model))
+        # collectives run on the adapters' device (NCCL takes CUDA tensors only)
+        self.device = next(iter(self.local.values())).lora_A.device if self.local \
+            else torch.device("cpu")
         self.modules = _gather_modules(self.local, pp_group)
         self.index = {m.name: i for i, m in enumerate(self.modules)}
         lora_rank = max(m.max_rank for m in self.modules)
@@ -93,7 +102,6 @@ class HydraScheduler:
         self.prev_loss: Optional[float] = None
         self.last_outcome = 0.0
         self.decisions = 0
-        self.log: List[dict] = []
 
     @classmethod
     def for_run(cls, run, model) -> "HydraScheduler":
@@ -114,36 +122,32 @@ class HydraScheduler:
     def scales(self) -> Dict[str, float]:
         """Every module's LoRA scale (gathered over pipeline stages)."""
         mine = {n: float(m.lora_settings.scale) for n, m in self.local.items()}
-        if self.pp_group is not None and dist.get_world_size(self.pp_group) > 1:
-            parts = [None] * dist.get_world_size(self.pp_group)
-            dist.all_gather_object(parts, mine, group=self.pp_group)
-            mine = {k: v for part in parts for k, v in part.items()}
-        return mine
+        return {k: v for part in _gather_stages(mine, self.pp_group) for k, v in part.items()}
 
     # ------------------------------------------------------------------ signals
     def _grad_sq(self) -> torch.Tensor:
         """Squared gradient norm of every module, over TP and pipeline stages (float64)."""
-        from megalora.sharding import factor_shardings
+        from megalora.grads import grad_of, lora_parameters
 
-        sharded = torch.zeros(len(self.modules), dtype=torch.float64)
-        whole = torch.zeros(len(self.modules), dtype=torch.float64)
-        for name, m in self.local.items():
-            specs = factor_shardings(m.lora_layout)
-            for factor in ("lora_A", "lora_B"):
-                p = getattr(m, factor)
-                g = getattr(p, "main_grad", None)
-                g = p.grad if g is None else g
-                if g is None:
-                    continue
-                sq = float(g.detach().double().pow(2).sum())
-                target = sharded if specs[factor].dim is not None else whole
-                target[self.index[name]] += sq
+        # one device->host copy per step: the squared norms stay on the device until stacked
+        rows, sharded, norms = [], [], []
+        for item in lora_parameters(self.model):
+            g = grad_of(item.param)
+            if item.factor in ("lora_A", "lora_B") and g is not None:
+                rows.append(self.index[item.module])
+                sharded.append(item.tp_sharded)
+                norms.append(g.detach().double().pow(2).sum())
+        vec = torch.zeros(2, len(self.modules), dtype=torch.float64, device=self.device)
+        if norms:
+            vec.index_put_((torch.tensor(sharded, device=self.device).long(),
+                            torch.tensor(rows, device=self.device)), torch.stack(norms),
+                           accumulate=True)
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
-            dist.all_reduce(sharded, group=self.tp_group)  # replicated factors: one copy each
-        total = sharded + whole
+            dist.all_reduce(vec[1], group=self.tp_group)  # sum the shards; replicated: once
+        total = vec[0] + vec[1]
         if self.pp_group is not None and dist.get_world_size(self.pp_group) > 1:
             dist.all_reduce(total, group=self.pp_group)
-        return total
+        return total.cpu()
 
     def after_step(self, step: int, optimizer, loss: float) -> Optional[dict]:
         """Called on every rank after each optimizer step; returns the decision, if any."""
@@ -218,7 +222,6 @@ class HydraScheduler:
         record = {"step": step, "knobs": self.knobs.vector(), "why": why,
                   "predicted": predicted, "loss": loss, "params": params,
                   "budget": self.budget, "ranks": dict(self.ranks)}
-        self.log.append(record)
         if not dist.is_initialized() or dist.get_rank() == 0:
             os.makedirs(self.out_dir, exist_ok=True)
             with open(os.path.join(self.out_dir, "hydra.jsonl"), "a") as fh:
@@ -229,7 +232,7 @@ class HydraScheduler:
         """Rank 0's knobs everywhere (every rank computes the same; this makes it certain)."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return knobs
-        v = torch.tensor(knobs.vector(), dtype=torch.float64)
+        v = torch.tensor(knobs.vector(), dtype=torch.float64, device=self.device)
         dist.broadcast(v, src=0)
         return Knobs(*[float(x) for x in v])
 
@@ -275,4 +278,3 @@ class HydraScheduler:
                 kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
             from megalora.atomic import atomic_write_bytes
             atomic_write_bytes(path, "".join(kept).encode())
-        self.log = []
