@@ -66,6 +66,8 @@ setup(
     package_dir={"megalora.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    # `megalora train|plan|layout|rank-search|export-peft|export-merged|pareto-plot`
+    entry_points={"console_scripts": ["megalora=megalora.cli:main"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16",

@@ -11,7 +11,7 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 megalora_parse_args "$@"
-megalora_defaults
+megalora_defaults NODES NP
 NODES=${NODES:-1}
 NP=${NP:-$(( GPUS_PER_NODE * NODES ))}
 if [ $(( NP % NODES )) -ne 0 ]; then

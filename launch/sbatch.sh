@@ -26,6 +26,9 @@
 # requeued (--requeue) at most MAX_REQUEUES [20] times; the requeued job resumes from
 # out_dir's latest checkpoint (train.resume, on by default). In torchrun mode the workers have
 # torchrun's 30 s after the forwarded SIGTERM; use LAUNCH_MODE=srun when a step takes longer.
+# torchrun runs through megalora.elastic (exit 0 and one line when a checkpoint was saved, no
+# SignalException traceback). Numbers read here (NODES, RDZV_PORT, MAX_REQUEUES, ...) are
+# checked first (launch/common.sh).
 set -uo pipefail
 HERE=${MEGALORA_HOME:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}}
 if [ ! -f "$HERE/launch/common.sh" ]; then
@@ -36,7 +39,8 @@ fi
 cd "$HERE" || exit 2
 source "$HERE/launch/common.sh"
 megalora_parse_args "$@"
-megalora_defaults
+megalora_defaults NODES RDZV_PORT MAX_REQUEUES SLURM_NNODES SLURM_JOB_ID \
+    SLURM_RESTART_COUNT
 MODE=${LAUNCH_MODE:-torchrun}
 NODES=${SLURM_NNODES:-${NODES:-1}}
 JOB=${SLURM_JOB_ID:-0}
@@ -50,12 +54,13 @@ case "$MODE" in
         PORT=${RDZV_PORT:-$(( 20000 + JOB % 20000 ))}
         PPN=$GPUS_PER_NODE
         CMD=(srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1
-             "$PYTHON" -m torch.distributed.run --nnodes="$NODES" --nproc_per_node="$PPN"
+             "$PYTHON" -m megalora.elastic --nnodes="$NODES" --nproc_per_node="$PPN"
              --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$PORT" --rdzv_id="megalora-$JOB"
              -m megalora train --config "$CONFIG" "${OVERRIDES[@]}") ;;
     srun)
         PPN=${SLURM_NTASKS_PER_NODE:-$GPUS_PER_NODE}
         PPN=${PPN%%(*}  # "8(x4)" -> 8
+        megalora_check_number SLURM_NTASKS_PER_NODE "$PPN"
         CMD=(srun --nodes="$NODES" --ntasks-per-node="$PPN" --kill-on-bad-exit=1
              "$PYTHON" -m megalora train --config "$CONFIG" "${OVERRIDES[@]}") ;;
     *)

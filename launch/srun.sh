@@ -11,7 +11,7 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 megalora_parse_args "$@"
-megalora_defaults
+megalora_defaults NODES SLURM_NNODES MASTER_PORT
 NODES=${NODES:-${SLURM_NNODES:-1}}
 # shellcheck disable=SC2086  # SRUN_ARGS is a list of flags
 megalora_run srun "$NODES" "$GPUS_PER_NODE" \

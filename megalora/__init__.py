@@ -25,6 +25,7 @@ _EXPORTS = {
     "save_adapter": "megalora.checkpoint",
     "load_adapter": "megalora.checkpoint",
     "read_manifest": "megalora.checkpoint",
+    "adapter_config": "megalora.checkpoint",
     "adapter_state": "megalora.checkpoint",
     "lora_parameters": "megalora.grads",
     "finalize_lora_grads": "megalora.grads",

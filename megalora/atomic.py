@@ -3,6 +3,9 @@
 The content goes to a temporary file in the same directory, is fsynced, renamed over the
 target, and the directory is fsynced so the rename survives a crash; on any error the temporary
 file is removed. Used by adapter files, UMM checkpoints, datasets and exports.
+
+The file gets the mode a plain ``open(path, "w")`` would give (0666 less the umask):
+``mkstemp`` creates 0600, which on a shared cluster keeps colleagues from reading an adapter.
 """
 
 from __future__ import annotations
@@ -10,6 +13,13 @@ from __future__ import annotations
 import os
 import tempfile
 from typing import Callable
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it back at once (no thread reads it between)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -20,6 +30,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after: some writers (safetensors) recreate the file
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

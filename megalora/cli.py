@@ -14,42 +14,68 @@ import sys
 
 
 def _train(args) -> int:
-    import torch.distributed as dist
-
     from megalora.distributed import launcher_rank
+    from megalora.errors import agree
     from megalora.umm.config import RunConfig
     from megalora.umm.train import train
 
-    run = RunConfig.from_yaml(args.config, args.overrides)
     # megalora's one-line notices (kernel path, TE, resume) from rank 0 only
     logging.basicConfig(level=logging.INFO if launcher_rank() == 0 else logging.WARNING,
                         format="%(message)s")
+    with agree("config"):  # the same file on every rank: the same error, printed once
+        run = RunConfig.from_yaml(args.config, args.overrides)
     try:
         train(run)
     finally:
-        from megatron.core import parallel_state as ps
-
-        if ps.is_initialized():
-            ps.destroy_model_parallel()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown()
     return 0
 
 
+def teardown() -> None:
+    """Destroy Megatron's parallel state and the default process group, if they exist."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="megalora", description="multimodal LoRA for Megatron")
+    """The command line; user errors print one line (``megalora.errors``) and exit 2."""
+    from megalora.distributed import launcher_rank
+    from megalora.errors import report, verbose_requested
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = verbose_requested(argv)
+    argv = [a for a in argv if a != "--verbose"]
+    try:
+        return _dispatch(argv)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - reported below, exit code from report()
+        from megalora.errors import AgreedError
+
+        same = isinstance(exc, AgreedError)
+        return report(exc, launcher_rank(), verbose, same_on_all_ranks=same)
+
+
+def _dispatch(argv) -> int:
+    parser = argparse.ArgumentParser(
+        prog="megalora", description="multimodal LoRA for Megatron",
+        epilog="--verbose (anywhere): full tracebacks for errors; MEGALORA_VERBOSE=1 the same")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="fine-tune the UMM with LoRA (run under torchrun/srun)")
     tr.add_argument("--config", required=True,
                     help="run config YAML, or a name under launch/configs (umm_tiny)")
     tr.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=20")
     from megalora import launch
+    from megalora.mars import cli as mars_cli
     from megalora.pareto import plot
     from megalora.umm import hf, planner
 
     launch.add_parser(sub)
-    from megalora.mars import cli as mars_cli
-
     mars_cli.add_parser(sub)
     planner.add_parser(sub)
     hf.add_parsers(sub)

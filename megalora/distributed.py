@@ -34,8 +34,10 @@ from typing import Callable, List, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from megalora.errors import UsageError
 
-class LaunchError(RuntimeError):
+
+class LaunchError(UsageError, RuntimeError):
     """The launcher's environment is missing or inconsistent."""
 
 
@@ -253,6 +255,28 @@ def check_layout(world_size: int, tensor_parallel: int, pipeline_parallel: int) 
     return world_size // mp
 
 
+def die_with_parent(signum: int = 15) -> bool:
+    """Ask Linux to send ``signum`` (SIGTERM) to this process when its parent dies (prctl
+    PR_SET_PDEATHSIG). torchrun's workers otherwise train on as orphans after a kill -9 of the
+    agent, and a restart then writes the same out_dir; with it, they get the SIGTERM a
+    preemption gives (finish the step, checkpoint, exit). Returns whether it was set."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signum, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the parent died before the request: act on it now
+        os.kill(os.getpid(), signum)
+    return True
+
+
 def init(tensor_parallel: int = 1, pipeline_parallel: int = 1, device: str = "auto",
          timeout_s: float = 600.0) -> DistEnv:
     """Detect the launcher, check the layout, export the torch rendezvous variables and start
@@ -282,6 +306,8 @@ def init(tensor_parallel: int = 1, pipeline_parallel: int = 1, device: str = "au
         torch.cuda.set_device(env.local_rank if count > 1 else 0)
     if dist.is_initialized():
         return env
+    if env.source == "torchrun":
+        die_with_parent()
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
                       LOCAL_RANK=str(env.local_rank), LOCAL_WORLD_SIZE=str(env.local_world_size),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))

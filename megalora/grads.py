@@ -59,6 +59,32 @@ def grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
     return main if main is not None else param.grad
 
 
+def _all_finite(tensors: List[torch.Tensor], group=None) -> bool:
+    """Every tensor of every rank of ``group`` is finite (a collective; one host sync)."""
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    ok = torch.ones((), dtype=torch.bool, device=device)
+    for t in tensors:
+        ok &= torch.isfinite(t).all().to(device)
+    bad = (~ok).to(torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    return bool(bad.item() == 0.0)
+
+
+def grads_finite(model: ModelLike, group=None) -> bool:
+    """No adapter gradient (``main_grad`` or ``grad``) holds inf/nan on any rank of ``group``
+    (default: the world). A collective: every rank must call it."""
+    grads = [g for item in lora_parameters(model) if (g := grad_of(item.param)) is not None]
+    return _all_finite(grads, group)
+
+
+def params_finite(model: ModelLike, group=None) -> bool:
+    """No adapter parameter holds inf/nan on any rank of ``group``. A collective."""
+    return _all_finite([item.param for item in lora_parameters(model)], group)
+
+
 def finalize_lora_grads(model: ModelLike) -> int:
     """SUM over TP the gradients of factors flagged ``sequence_parallel`` (one coalesced
     all-reduce per TP group), and their per-head ``grad_split`` buffers if any. Returns how

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
@@ -23,12 +24,13 @@ import torch
 import torch.distributed as dist
 
 from megalora import base_layers
-from megalora.config import LoRAConfig, pattern_matches
+from megalora.config import LoRAConfig
 from megalora.layers import LoRAMixin, base_class_of, lora_class_for
-from megalora.runtime import LoRARuntime, _chunks
+from megalora.runtime import LoRARuntime, data_parallel_wrapper, model_chunks
 from megalora.sharding import global_shapes
 
 ModelLike = Union[torch.nn.Module, Sequence[torch.nn.Module]]
+logger = logging.getLogger("megalora")
 
 
 @dataclass
@@ -134,9 +136,10 @@ def apply_lora(model: ModelLike, config: LoRAConfig) -> LoRAReport:
     """Adapt the target linears of ``model`` in place; freeze the rest. See module docstring."""
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"apply_lora: config must be a LoRAConfig, got {type(config).__name__}")
+    _refuse_wrapped(model)
     report = LoRAReport()
     all_eligible, all_selected, frozen = [], [], 0
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         names = canonical_names(chunk)
         eligible, selected = _targets(chunk, names, config)
         all_eligible += eligible
@@ -150,7 +153,7 @@ def apply_lora(model: ModelLike, config: LoRAConfig) -> LoRAReport:
         for path, canonical, module in selected:
             local_reports.append(_adapt(module, canonical, config, runtime))
         _maybe_fix_recompute_input_grad(chunk)
-    report.local_trainable_params = sum(p.numel() for c in _chunks(model)
+    report.local_trainable_params = sum(p.numel() for c in model_chunks(model)
                                         for p in c.parameters() if p.requires_grad)
     merged = {}
     for reports in _all_gather_objects(local_reports):
@@ -159,7 +162,48 @@ def apply_lora(model: ModelLike, config: LoRAConfig) -> LoRAReport:
     report.modules = [merged[k] for k in sorted(merged, key=_natural_key)]
     report.trainable_params = sum(m.params for m in report.modules)
     report.frozen_params = _global_frozen_count(model)
+    _warn_rank_too_large(report.modules)
     return report
+
+
+def _refuse_wrapped(model: ModelLike) -> None:
+    """DDP/FSDP register the parameters that exist when they wrap: adapters added later get no
+    gradient buffer, are never reduced, and data-parallel ranks drift apart."""
+    wrapper = data_parallel_wrapper(model)
+    if wrapper is not None:
+        raise ValueError(f"apply_lora: the model is already wrapped in {wrapper}, which does not "
+                         "see parameters added after wrapping (the adapters would never be "
+                         "reduced over data parallelism). Call megalora.apply_lora on the bare "
+                         "model first, then wrap it in DistributedDataParallel")
+
+
+def _warn_rank_too_large(modules: List[ModuleReport]) -> None:
+    """B @ A has rank <= min(in, out): ranks beyond that add parameters but no capacity."""
+    over = [m for m in modules if m.rank > min(m.in_features, m.out_features)]
+    if not over or (dist.is_initialized() and dist.get_rank() != 0):
+        return  # the report is the same on every rank: say it once
+    listed = ", ".join(f"{m.name} (r={m.rank}, in={m.in_features}, out={m.out_features})"
+                       for m in over[:8])
+    more = f" and {len(over) - 8} more" if len(over) > 8 else ""
+    logger.warning("megalora: LoRA rank exceeds min(in_features, out_features) for %d module(s): "
+                   "%s%s. Their update B @ A cannot have that rank, so the extra parameters are "
+                   "wasted: lower LoRAConfig.rank or set rank_pattern for these modules",
+                   len(over), listed, more)
+
+
+def lora_config_of(model: ModelLike) -> Optional[LoRAConfig]:
+    """The LoRAConfig ``apply_lora`` gave ``model`` (found through DDP/FSDP wrappers), or None
+    when it has no adapters."""
+    return next((c._lora_config for c in model_chunks(model)
+                 if getattr(c, "_lora_config", None) is not None), None)
+
+
+def require_lora(model: ModelLike, what: str) -> None:
+    """Raise unless ``apply_lora`` ran on ``model`` (a pipeline stage may hold no adapted layer,
+    so the config is the mark, not the layer count)."""
+    if lora_config_of(model) is None and not lora_modules(model):
+        raise ValueError(f"{what}: the model has no LoRA layers; call "
+                         "megalora.apply_lora(model, config) first")
 
 
 def _natural_key(name: str):
@@ -221,7 +265,7 @@ def _global_frozen_count(model: ModelLike) -> int:
     from megatron.core import parallel_state as ps
 
     local = 0
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for param in chunk.parameters():
             if param.requires_grad:
                 continue
@@ -258,7 +302,7 @@ def _maybe_fix_recompute_input_grad(chunk: torch.nn.Module) -> None:
 # ---------------------------------------------------------------------- model-wide operations
 def lora_modules(model: ModelLike) -> List[LoRAMixin]:
     """The adapted layers of a model (or chunks), in module order."""
-    return [m for chunk in _chunks(model) for m in chunk.modules()
+    return [m for chunk in model_chunks(model) for m in chunk.modules()
             if isinstance(m, LoRAMixin) and m._lora_ready]
 
 
@@ -268,6 +312,7 @@ def merge_lora(model: ModelLike, head: Optional[int] = None) -> int:
     ``head`` picks the B head for multi-head adapters (it then applies to every token).
     Returns the number of merged layers. Undo with ``unmerge_lora``.
     """
+    require_lora(model, "merge_lora")
     layers = lora_modules(model)
     for layer in layers:
         layer.lora_merge(head)
@@ -276,6 +321,7 @@ def merge_lora(model: ModelLike, head: Optional[int] = None) -> int:
 
 def unmerge_lora(model: ModelLike) -> int:
     """Undo ``merge_lora``. Returns the number of unmerged layers."""
+    require_lora(model, "unmerge_lora")
     layers = lora_modules(model)
     for layer in layers:
         layer.lora_unmerge()
@@ -310,6 +356,9 @@ def remove_lora(model: ModelLike) -> int:
         if layer.lora_layout.style == "te_ln":
             layer.return_layernorm_output = layer._lora_user_wants_ln
         layer.__class__ = base_class_of(layer)
+    for chunk in model_chunks(model):
+        if getattr(chunk, "_lora_config", None) is not None:
+            chunk._lora_config = None  # no adapters left: load/merge must ask for apply_lora
     return len(layers)
 
 

@@ -143,7 +143,8 @@ class LoRAMixin:
         if s.routing != "modality":
             head_ids = None  # e.g. a single-head vision encoder inside a modality-routed model
         elif head_ids is not None:
-            head_ids = self._check_head_ids(head_ids, t_full, x.device)
+            seq_full = x.shape[0] * (lay.tp_size if sp_in else 1) if x.dim() == 3 else None
+            head_ids = self._check_head_ids(head_ids, t_full, seq_full, x)
         else:
             raise RuntimeError(f"{self.lora_name}: routing='modality' needs per-token head ids; "
                                "call megalora.set_head_ids(model, ids) before the forward")
@@ -209,12 +210,22 @@ class LoRAMixin:
                     else comm.reduce_from_tp(z, lay.tp_group))
         return z
 
-    def _check_head_ids(self, head_ids, t_full: int, device) -> torch.Tensor:
+    def _check_head_ids(self, head_ids, t_full: int, seq_full: Optional[int], x) -> torch.Tensor:
+        """The runtime's [s, b] head ids as [s * b] on ``x``'s device, after checking them
+        against this layer's input ([s, b, h], or its sequence shard under SP)."""
         if head_ids.numel() != t_full:
             raise ValueError(f"{self.lora_name}: head ids cover {head_ids.numel()} tokens but this "
                              f"layer sees {t_full} (sequence x batch); set_head_ids expects "
                              "[batch, seq] for the same batch as the model input")
-        return self._lora_runtime.head_ids_on(head_ids, device)
+        if seq_full is not None and tuple(head_ids.shape) != (seq_full, x.shape[1]):
+            # same count, other layout: [s, b] given for [b, s] would route token (i, j) by the
+            # id of another token, silently
+            batch, seq = x.shape[1], seq_full
+            raise ValueError(f"{self.lora_name}: head ids were given as {list(head_ids.t().shape)} "
+                             f"but this forward has batch={batch}, seq={seq}: set_head_ids expects "
+                             f"[batch, seq] = [{batch}, {seq}] like the token ids (transpose "
+                             "[seq, batch] ids with .t())")
+        return self._lora_runtime.head_ids_on(head_ids, x.device).reshape(-1)
 
     def _dropout_spec(self, count: int, tok_off: int, feat_off: int) -> Optional[DropoutSpec]:
         probs = self.lora_settings.dropout

@@ -14,6 +14,7 @@ recompute pass; backward visits microbatches in forward order in every Megatron 
 from __future__ import annotations
 
 import collections
+import importlib
 from typing import Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -37,7 +38,8 @@ class LoRARuntime:
         self.num_heads = num_heads
         self.routing = routing
         self.head_ids: Optional[torch.Tensor] = None
-        """[s * b] int64, sequence-major (Megatron's [s, b] order), or None."""
+        """[s, b] int64, contiguous (Megatron's activation order), or None. Kept 2-D so each
+        layer can check the layout against its input, not only the token count."""
         self.forward_count = 0
         """Training-mode forwards of the chunk so far: each one gets fresh dropout masks."""
         self._on_device = {}  # head ids copied once per device, not once per layer
@@ -78,7 +80,7 @@ class LoRARuntime:
             if lo < -1 or hi >= self.num_heads:
                 raise ValueError(f"head ids must be in [-1, {self.num_heads - 1}] (num_heads="
                                  f"{self.num_heads}; -1 = no adapter), got values in [{lo}, {hi}]")
-        self.head_ids = head_ids.t().reshape(-1).to(torch.int64)
+        self.head_ids = head_ids.t().to(torch.int64).contiguous()
         self._on_device.clear()
 
 
@@ -105,14 +107,73 @@ def layer_dropout_seed(runtime_seed: int, name_hash: int, forward_count: int) ->
     return fmix32_int(fmix32_int(runtime_seed ^ name_hash) ^ fmix32_int(forward_count + 1))
 
 
-def _chunks(model) -> List[torch.nn.Module]:
-    return list(model) if isinstance(model, (list, tuple)) else [model]
+_WRAPPERS: Optional[Tuple[Tuple[type, ...], Tuple[type, ...]]] = None
+
+
+def _wrapper_types() -> Tuple[Tuple[type, ...], Tuple[type, ...]]:
+    """(data-parallel wrappers, all wrappers that hold the real model in ``.module``).
+
+    Imported lazily: megatron's distributed package is heavy and may be absent in a layout."""
+    global _WRAPPERS
+    if _WRAPPERS is None:
+        data_parallel: List[type] = [torch.nn.parallel.DistributedDataParallel]
+        other: List[type] = []
+        for module, name, kind in (
+                ("torch.distributed.fsdp", "FullyShardedDataParallel", data_parallel),
+                ("megatron.core.distributed", "DistributedDataParallel", data_parallel),
+                ("megatron.core.distributed", "TorchFullyShardedDataParallel", data_parallel),
+                ("megatron.core.distributed.fsdp.mcore_fsdp_adapter", "FullyShardedDataParallel",
+                 data_parallel),
+                ("megatron.core.transformer.module", "Float16Module", other)):
+            try:
+                kind.append(getattr(importlib.import_module(module), name))
+            except Exception:  # absent in this torch / megatron-core build
+                pass
+        _WRAPPERS = (tuple(data_parallel), tuple(data_parallel + other))
+    return _WRAPPERS
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / FSDP / Float16Module wrappers (``module`` itself if unwrapped)."""
+    wrappers = _wrapper_types()[1]
+    while isinstance(module, wrappers) and isinstance(getattr(module, "module", None),
+                                                      torch.nn.Module):
+        module = module.module
+    return module
+
+
+def data_parallel_wrapper(model) -> Optional[str]:
+    """The class name of a data-parallel wrapper around or inside ``model`` (or its chunks),
+    including modules sharded in place by FSDP2's ``fully_shard``; None when there is none."""
+    dp = _wrapper_types()[0]
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        dp = dp + (FSDPModule,)
+    except Exception:  # pragma: no cover - older torch
+        pass
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, dp):
+                return f"{type(module).__module__}.{type(module).__name__}"
+    return None
+
+
+def model_chunks(model) -> List[torch.nn.Module]:
+    """The model chunks of ``model`` (one module or a list of virtual-pipeline chunks), each
+    unwrapped from DDP / FSDP / Float16Module: attributes ``apply_lora`` set on a chunk (its
+    config) are found through the wrapper the trainer runs."""
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    return [unwrap(c) for c in chunks]
+
+
+_chunks = model_chunks  # the old private name, kept for callers outside this package
 
 
 def runtimes(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]) -> List[LoRARuntime]:
     """The distinct runtimes of a model (or list of chunks), in module order."""
     found: List[LoRARuntime] = []
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         for module in chunk.modules():
             rt = getattr(module, "_lora_runtime", None)
             if rt is not None and all(rt is not r for r in found):

@@ -131,3 +131,142 @@ def test_write_is_atomic(saved, monkeypatch):
         megalora.save_adapter(model, path)
     assert open(path, "rb").read() == good
     assert [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".tmp")] == []
+
+
+# ---------------------------------------------------------------------- refusals (issue 15)
+def _file_crc(t):  # independent of megalora's: CRC32 of the raw bytes
+    import zlib
+
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _rewrite(src, dst, edit, fix_crc=True):
+    """Copy adapter ``src`` to ``dst`` with ``edit(tensors)`` applied, checksums recomputed
+    (``fix_crc``) or left as they were (a corrupted tensor)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(src, framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    manifest = json.loads(meta["manifest"])
+    edit(tensors)
+    if fix_crc:
+        for key, value in tensors.items():
+            manifest["tensors"][key]["crc32"] = _file_crc(value)
+    save_file(tensors, str(dst), metadata={**meta, "manifest": json.dumps(manifest)})
+    return str(dst)
+
+
+def _assert_same(state, model):
+    after = megalora.adapter_state(model)
+    assert sorted(after) == sorted(state)
+    for key in state:
+        assert torch.equal(after[key], state[key]), key
+
+
+def test_scale_mismatch_is_refused_unless_asked(saved):
+    _, path = saved  # alpha=8, rank=4: scale 2
+    other = _build(1, 1, seed=5, alpha=16.0)
+    before = megalora.adapter_state(other)
+    with pytest.raises(ValueError, match=r"another LoRA scale.*file alpha=8.0, scale=2; model "
+                                         r"alpha=16.0, scale=4.*allow_scale_mismatch=True"):
+        megalora.load_adapter(other, path)
+    _assert_same(before, other)
+    megalora.load_adapter(other, path, allow_scale_mismatch=True)
+    from safetensors.torch import load_file
+    _assert_same(load_file(path), other)
+
+
+def test_config_is_stored_when_saved_through_megatron_ddp(megatron_world1, tmp_path):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megalora.testing.tiny_gpt import TinyGPTShape, build_tiny_gpt, tiny_gpt_config
+
+    shape = TinyGPTShape(**SHAPE)
+    cfg = tiny_gpt_config(shape)
+    model = build_tiny_gpt(shape, cfg, seed=0)
+    config = megalora.LoRAConfig(seed=2, **LORA)
+    megalora.apply_lora(model, config)
+    ddp = DistributedDataParallel(config=cfg, module=model,
+                                  ddp_config=DistributedDataParallelConfig())
+    path = str(tmp_path / "adapter.safetensors")
+    megalora.save_adapter(ddp, path)  # what the trainer does
+    assert megalora.read_manifest(path)["lora_config"] == config.to_dict()
+    from megalora.checkpoint import adapter_config
+    assert adapter_config(path) == config
+
+
+def test_non_finite_adapter_is_never_saved(saved):
+    model, path = saved
+    good = open(path, "rb").read()
+    layer = megalora.lora_modules(model)[1]
+    with torch.no_grad():
+        layer.lora_B[0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=rf"{layer.lora_name}.lora_B holds non-finite"):
+        megalora.save_adapter(model, path)
+    assert open(path, "rb").read() == good
+
+
+def test_non_finite_file_is_refused(saved, tmp_path):
+    model, path = saved
+    first = next(iter(megalora.adapter_state(model)))
+
+    def poison(tensors):
+        tensors[first][0, 0] = float("inf")
+
+    bad = _rewrite(path, tmp_path / "inf.safetensors", poison)  # checksums fixed up
+    other = _build(1, 1, seed=5)
+    before = megalora.adapter_state(other)
+    with pytest.raises(FloatingPointError, match=rf"{first} holds non-finite values"):
+        megalora.load_adapter(other, bad)
+    _assert_same(before, other)
+
+
+def test_failed_checksum_leaves_every_tensor_unchanged(saved, tmp_path):
+    model, path = saved
+    last = list(megalora.adapter_state(model))[-1]  # loaded last
+
+    def flip(tensors):
+        tensors[last].view(-1)[-1] += 1.0
+
+    bad = _rewrite(path, tmp_path / "flipped.safetensors", flip, fix_crc=False)
+    other = _build(1, 1, seed=5)  # other values than the file's
+    before = megalora.adapter_state(other)
+    with pytest.raises(ValueError, match=rf"checksum mismatch for {last}"):
+        megalora.load_adapter(other, bad)
+    _assert_same(before, other)
+
+
+def test_merged_model_refuses_a_load(saved):
+    model, path = saved
+    other = _build(1, 1, seed=5)
+    base = {n: p.detach().clone() for n, p in other.named_parameters() if not p.requires_grad}
+    megalora.merge_lora(other, head=0)
+    merged = {n: p.detach().clone() for n, p in other.named_parameters() if not p.requires_grad}
+    with pytest.raises(ValueError, match="merged into its base weight; call "
+                                         r"megalora.unmerge_lora\(model\) before loading"):
+        megalora.load_adapter(other, path)
+    for name, value in merged.items():
+        assert torch.equal(dict(other.named_parameters())[name], value), name
+    megalora.unmerge_lora(other)
+    for name, value in base.items():
+        assert torch.allclose(dict(other.named_parameters())[name], value, atol=1e-7), name
+
+
+def test_broken_manifest_names_the_file(saved, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    _, path = saved
+    for i, manifest in enumerate(["{not json", json.dumps({"version": 1}),
+                                  json.dumps({"version": 1, "modules": {},
+                                              "tensors": {"x.lora_A": {"shape": [1]}}})]):
+        bad = str(tmp_path / f"broken{i}.safetensors")
+        save_file({"x.lora_A": torch.zeros(1)}, bad,
+                  metadata={"format": "megalora-adapter", "manifest": manifest})
+        with pytest.raises(ValueError, match=rf"adapter file '{bad}' has a"):
+            megalora.read_manifest(bad)

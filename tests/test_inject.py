@@ -202,3 +202,68 @@ def _tp2_merge(rank, world):
 def test_merge_is_local_under_tp2_sp():
     for diff, scale in run_distributed(2, _tp2_merge):
         assert diff <= 1e-12 * max(1.0, scale)
+
+
+# ---------------------------------------------------------------------- misuse (issue 15)
+def test_apply_after_ddp_wrapping_is_refused(megatron_world1):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    cfg = tiny_gpt_config(SHAPE)
+    for wrap in (lambda m: DistributedDataParallel(config=cfg, module=m,
+                                                   ddp_config=DistributedDataParallelConfig()),
+                 torch.nn.parallel.DistributedDataParallel):
+        model = build_tiny_gpt(SHAPE, cfg, seed=0)
+        wrapped = wrap(model)
+        with pytest.raises(ValueError, match=r"already wrapped in .*DistributedDataParallel.*"
+                                             r"apply_lora on the bare model first, then wrap"):
+            megalora.apply_lora(wrapped, megalora.LoRAConfig())
+        assert not any("lora" in n for n, _ in model.named_parameters())
+        assert all(p.requires_grad for p in model.parameters())  # nothing frozen either
+    model = build_tiny_gpt(SHAPE, cfg, seed=0)  # the right order: every adapter in DDP's buffers
+    megalora.apply_lora(model, megalora.LoRAConfig())
+    DistributedDataParallel(config=cfg, module=model, ddp_config=DistributedDataParallelConfig())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(hasattr(p, "main_grad") for p in trainable)
+
+
+def test_head_ids_in_seq_batch_layout_are_refused(megatron_world1, tokens):
+    model = _model()
+    megalora.apply_lora(model, megalora.LoRAConfig(num_heads=2, routing="modality"))
+    b, s = tokens.shape
+    ids = torch.randint(0, 2, (b, s), generator=torch.Generator().manual_seed(1))
+    _logits(model, tokens, ids)  # [batch, seq]: fine
+    with pytest.raises(ValueError, match=rf"given as \[{s}, {b}\] but this forward has "
+                                         rf"batch={b}, seq={s}: set_head_ids expects "
+                                         rf"\[batch, seq\] = \[{b}, {s}\]"):
+        _logits(model, tokens, ids.t().contiguous())  # same count, [seq, batch]
+
+
+def test_model_without_lora_is_an_error(megatron_world1, tmp_path):
+    adapted = _model()
+    megalora.apply_lora(adapted, megalora.LoRAConfig())
+    path = str(tmp_path / "adapter.safetensors")
+    megalora.save_adapter(adapted, path)
+    bare = _model()
+    for call in (lambda: megalora.load_adapter(bare, path),
+                 lambda: megalora.load_adapter(bare, path, strict=False),
+                 lambda: megalora.merge_lora(bare), lambda: megalora.unmerge_lora(bare),
+                 lambda: megalora.save_adapter(bare, path)):
+        with pytest.raises(ValueError, match=r"no LoRA .*call megalora.apply_lora\(model, "
+                                             r"config\) first"):
+            call()
+    megalora.remove_lora(adapted)
+    with pytest.raises(ValueError, match="no LoRA"):
+        megalora.merge_lora(adapted)
+
+
+def test_rank_larger_than_the_layer_warns(megatron_world1, caplog):
+    big = "decoder.layers.1.self_attention.linear_proj"  # 64 x 64
+    with caplog.at_level(logging.WARNING, logger="megalora"):
+        megalora.apply_lora(_model(), megalora.LoRAConfig(rank=4, rank_pattern={big: 96}))
+    assert caplog.text.count("LoRA rank exceeds") == 1
+    assert f"{big} (r=96, in=64, out=64)" in caplog.text
+    assert "layers.0.self_attention.linear_proj" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megalora"):
+        megalora.apply_lora(_model(), megalora.LoRAConfig(rank=64))
+    assert "LoRA rank exceeds" not in caplog.text  # r = min(in, out) is allowed

@@ -295,3 +295,27 @@ def test_trainer_builds_from_hf_checkpoint(megatron_world1, llama_dir, tmp_path)
         got = _logits(model, tokens)[..., :VOCAB]
         ref = _load_llama(llama_dir)(tokens).logits
     _close(got, ref, "trainer-built model")
+
+
+def test_export_refuses_a_config_that_contradicts_the_adapter(megatron_world1, tmp_path):
+    """The adapter's stored config decides the export; a run config that sets another alpha
+    is refused with the field named, not exported at the wrong scale."""
+    import yaml
+
+    import megalora
+    from megalora.umm.model import build_umm
+
+    model = build_umm(_run_config(_model_cfg(2)))
+    megalora.apply_lora(model, megalora.LoRAConfig(rank=4, alpha=8.0, init_b="gaussian"))
+    adapter = str(tmp_path / "adapter.safetensors")
+    megalora.save_adapter(model, adapter)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": _model_cfg(2), "train": {"device": "cpu"},
+                                      "lora": {"rank": 4, "alpha": 32.0}}))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-m", "megalora", "export-peft", "--config",
+                           str(config), "--adapter", adapter, "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "lora.alpha: 8.0 vs 32.0" in proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()

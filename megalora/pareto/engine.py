@@ -164,6 +164,14 @@ class ParetoEngine:
         """Gram matrices, weights per group, combined gradients written back; returns stats."""
         gram = grouping.distributed_gram(self.buffers, self.counted, self.group_ids,
                                          len(self.names), self.mp_group)
+        if not torch.isfinite(gram).all():
+            # an objective's gradient holds inf/nan (the Gram is the same on every rank): pass
+            # it on to the gradients, so that the trainer's finiteness check stops or skips
+            # this step instead of the solver failing on one group
+            for grad in self.grads():
+                grad.fill_(float("nan"))
+            self.last = None
+            return None
         orders = None
         if self.cfg.rule == "pcgrad":  # PCGrad's shuffles, the same on every rank
             gen = torch.Generator().manual_seed(step)

@@ -4,22 +4,45 @@ Every rule returns weights w (one per objective) so that the update direction is
 d = sum_k w_k g_k; only the K x K Gram matrix M = [<g_i, g_j>] is needed, never the gradients.
 
 - ``min_norm_weights``: MGDA's min-norm point of the convex hull, argmin_{a in simplex} a'Ma.
-  K = 2 in closed form; K > 2 by projected gradient descent on the simplex (step 1/L) and then
-  an exact solve of the KKT system on the support it found (machine precision where the support
-  is right, which the KKT check confirms; otherwise the iterate is kept).
+  K = 1, 2 in closed form; K >= 3 exactly, by enumerating the 2^K - 1 supports: on each, the
+  stationary point of a'Ma with sum a = 1 solves one (K+1) x (K+1) bordered KKT system (all
+  supports in one batched float64 solve, after scaling each gradient to unit norm so that
+  norms spread over 1e4 cost no accuracy). Supports whose system is singular (affinely
+  dependent gradients, e.g. rank-deficient M) are skipped: an optimum always lies on a
+  support whose system is regular (a vertex of the optimal set), so nothing is lost. Of the
+  candidates that pass the check below, the one with the lowest a'Ma is returned (ties: the
+  first support in enumeration order, so the result is deterministic when the minimiser is
+  not unique). Cost: 2^K small solves, ~1 ms per call for K = 3 and ~2 ms for K = 8 on one
+  CPU thread; K > ``MAX_EXACT_K`` is refused (the trainer has K <= 3).
+- Every result is checked (``check_min_norm``): a in the simplex and, for every objective j,
+  (Ma)_j >= a'Ma - tol_j, i.e. <d, g_j> >= |d|^2 (MGDA's common-descent property, which is
+  also the KKT condition and bounds a'Ma - min by 2 max_j tol_j). tol_j = 64 K eps N (|g_j| +
+  sum_i a_i |g_i|), N the largest gradient norm: float64 rounding of such inner products. A
+  failure raises (a bug), it never returns a wrong point.
 - ``pcgrad_weights``: PCGrad (Yu et al. 2020) in coefficient form: each projected gradient is a
   combination of the original ones, so <pc_i, g_j> = c_i' M e_j.
 - ``integrate``: Pareto LoRA's rule per group: objectives conflict (some cosine < 0) -> the
   MGDA combination; else the norms differ by more than ``tau`` -> rescale each to the mean
   norm; else the plain sum. Then (``restore``) scale so the direction is not shorter than the
-  plain sum. Baselines: ``sum`` (vanilla LoRA), ``mgda`` everywhere, ``pcgrad``, ``fixed``.
+  plain sum, except at a Pareto-stationary group (below). Baselines: ``sum`` (vanilla LoRA),
+  ``mgda`` everywhere, ``pcgrad``, ``fixed``.
 MGDA weights sum to 1; they are multiplied by K so that they are on the scale of the plain sum
 (weights 1), as MMPareto's 2 x (k_1, k_2) does for two objectives.
+
+Restore at a Pareto-stationary group. When the combined direction is ~0 relative to the
+gradients, |d|^2 <= ``STATIONARY_RTOL`` * N * sum_k |w_k| |g_k| (the gradients cancel: some
+convex combination of them is ~0), the sign of <d, g_k> is decided by rounding, not by the
+gradients (production Gram matrices come from float32 inner products, relative error ~1e-7),
+and scaling d up to the plain sum's norm would move the group along noise and can raise
+objectives. There is no restore then: the weights stay K * a (``restore=False``'s) and the
+group takes the ~0 step that a Pareto-stationary point calls for. Above the threshold |d|^2 is
+far larger than the check's tolerance (for norms spread by less than ~1e7), so the restored
+direction keeps <d, g_k> > 0 for every k (``stationary``).
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -56,55 +79,129 @@ def project_simplex(v: torch.Tensor) -> torch.Tensor:
     return (v - css[rho] / (rho + 1)).clamp_min(0.0)
 
 
-def _kkt_polish(m: torch.Tensor, a: torch.Tensor, tol: float) -> torch.Tensor:
-    """Solve min a'Ma, sum a = 1 exactly on the support of ``a``; keep it if it is feasible and
-    optimal (every coordinate's gradient (Ma)_j >= a'Ma, with equality on the support)."""
-    support = (a > tol).nonzero().flatten()
-    sub = m[support][:, support]
-    ones = torch.ones(len(support), dtype=m.dtype)
-    try:
-        x = torch.linalg.solve(sub, ones)
-    except RuntimeError:  # singular on the support: several optima, the iterate is one
-        return a
-    if x.sum() <= 0:
-        return a
-    cand = torch.zeros_like(a)
-    cand[support] = x / x.sum()
-    value = cand @ m @ cand
-    scale = max(float(m.diagonal().abs().max()), 1e-300)
-    if (cand >= 0).all() and ((m @ cand) >= value - 1e-9 * scale).all():
-        return cand
-    return a
+MAX_EXACT_K = 20
+"""Largest K ``min_norm_weights`` accepts: it enumerates 2^K - 1 supports (K = 20: ~1e6)."""
+STATIONARY_RTOL = 1e-6
+"""|d|^2 below this times N * sum_k |w_k| |g_k|: a Pareto-stationary group, not restored."""
+_KKT_C = 64.0  # certificate tolerance in units of K * eps * (inner-product scale)
+_NEG_TOL = 1e-9  # weights this negative are rounding of a zero weight; the check has the last word
+_CHUNK = 4096  # supports per batched solve: bounds memory at ~(K+1)^2 * 32 KiB
 
 
-def min_norm_weights(m, max_iter: int = 5000, tol: float = 1e-14) -> torch.Tensor:
-    """argmin over the simplex of a'Ma (MGDA); [K] float64, sums to 1."""
+def _row_scales(m: torch.Tensor) -> torch.Tensor:
+    """s_j = N |g_j| (N the largest norm): the size of any <g_i, g_j>, hence of the rounding in
+    (Ma)_j; max |M_ji| guards inputs that are not quite a Gram matrix (float32 noise)."""
+    n = m.diagonal().clamp_min(0).sqrt()
+    return torch.maximum(n * n.max(), m.abs().amax(1))
+
+
+def _kkt_excess(m: torch.Tensor, a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For candidates a [C, K]: (a'Ma - (Ma)_j - tol_j [C, K], a'Ma [C]); a candidate is
+    certified when every entry is <= 0 (the MGDA property up to rounding)."""
+    ma = a @ m  # M is symmetric
+    obj = (a * ma).sum(1)
+    s = _row_scales(m)
+    # rounding of (Ma)_j scales with s_j, that of a'Ma (an a-weighted mean) with a's
+    tol = _KKT_C * m.shape[0] * torch.finfo(torch.float64).eps * (s + (a @ s).unsqueeze(1))
+    return obj.unsqueeze(1) - ma - tol, obj
+
+
+def check_min_norm(m, a) -> None:
+    """Raise RuntimeError unless ``a`` is, up to float64 rounding, the min-norm point of the
+    Gram matrix ``m``: a >= 0, sum a = 1 and (Ma)_j >= a'Ma for every j (KKT, i.e. the MGDA
+    property <d, g_j> >= |d|^2 of d = sum_i a_i g_i)."""
+    _check(_as_gram(m), torch.as_tensor(a, dtype=torch.float64))
+
+
+def _check(m: torch.Tensor, a: torch.Tensor) -> None:
+    if (a.shape != (m.shape[0],) or not torch.isfinite(a).all() or (a < 0).any()
+            or abs(float(a.sum()) - 1.0) > 1e-12):
+        raise RuntimeError(f"min-norm weights {a.tolist()} are not in the simplex (a bug)")
+    excess, _ = _kkt_excess(m, a.unsqueeze(0))
+    if (excess > 0).any():
+        raise RuntimeError(f"min-norm weights {a.tolist()} fail the KKT / MGDA check "
+                           f"(a'Ma - (Ma)_j - tol_j = {excess[0].tolist()}) on the Gram "
+                           f"matrix {m.tolist()} (a bug)")
+
+
+@functools.lru_cache(maxsize=32)
+def _supports(k: int, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Supports number start..stop-1 (bit j of the number: j in it), as the constant parts of
+    their bordered systems: (masks [n, K] bool, masks of M's entries [n, K, K], identity rows
+    off the support [n, K+1, K+1] with the border's corner 0). Cached: read-only."""
+    ids = torch.arange(start, stop)
+    mask = ((ids.unsqueeze(1) >> torch.arange(k)) & 1) == 1
+    pad = torch.zeros(len(ids), k + 1, k + 1, dtype=torch.float64)
+    pad[:, :k, :k] = torch.diag_embed((~mask).double())
+    return mask, mask.unsqueeze(2) & mask.unsqueeze(1), pad
+
+
+def _support_points(ms: torch.Tensor, inv: torch.Tensor,
+                    supports: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stationary point of a'Ma subject to sum a = 1, a = 0 off the support, for each support.
+
+    Solved in the unit-norm variables y = |g| * a (``ms`` = diag(inv) M diag(inv), inv = 1/|g|):
+    [[ms_SS, c_S], [c_S', 0]] [y; -lambda] = [0; 1] with c = inv, scaled to max 1 per support
+    (the scale of lambda and of sum a is free: a is normalised after). Entries off the support
+    get an identity row, so every support fits one batched (K+1)^2 solve.
+    Returns (a [n, K] in the simplex, usable [n] bool: regular system, a >= 0 to rounding)."""
+    mask, both, pad = supports
+    n, k = mask.shape
+    bordered = pad.clone()
+    bordered[:, :k, :k] += torch.where(both, ms, 0.0)
+    c = torch.where(mask, inv, 0.0)
+    c = c / c.amax(1, keepdim=True)
+    bordered[:, :k, k] = c
+    bordered[:, k, :k] = c
+    rhs = torch.zeros(n, k + 1, dtype=torch.float64)
+    rhs[:, k] = 1.0
+    sol, info = torch.linalg.solve_ex(bordered, rhs)
+    a = torch.where(mask, sol[:, :k] * inv, 0.0)
+    total = a.sum(1, keepdim=True)
+    usable = (info == 0) & torch.isfinite(a).all(1) & (total[:, 0] > 0)
+    a = a / torch.where(usable.unsqueeze(1), total, 1.0)
+    usable &= (a >= -_NEG_TOL).all(1)
+    a = a.clamp_min(0.0)
+    return a / a.sum(1, keepdim=True).clamp_min(1e-300), usable
+
+
+def _min_norm_exact(m: torch.Tensor) -> torch.Tensor:
+    """The certified support point with the lowest a'Ma over all 2^K - 1 supports."""
+    k = m.shape[0]
+    if k > MAX_EXACT_K:
+        raise ValueError(f"min_norm_weights enumerates 2^K supports; K = {k} objectives is "
+                         f"more than the {MAX_EXACT_K} it accepts")
+    n = m.diagonal().clamp_min(0).sqrt()
+    inv = torch.where(n > 0, 1.0 / n.clamp_min(1e-300), torch.ones_like(n))
+    ms = m * inv.unsqueeze(1) * inv.unsqueeze(0)
+    best, best_obj = None, float("inf")
+    for start in range(1, 2 ** k, _CHUNK):
+        a, usable = _support_points(ms, inv, _supports(k, start, min(start + _CHUNK, 2 ** k)))
+        a = a[usable]
+        excess, obj = _kkt_excess(m, a)
+        obj = torch.where((excess <= 0).all(1), obj, torch.inf)
+        if a.shape[0] and float(obj.min()) < best_obj:
+            i = int(torch.argmin(obj))  # the first minimum: deterministic ties
+            best, best_obj = a[i], float(obj[i])
+    if best is None:  # impossible in exact arithmetic: the optimum's support is regular
+        raise RuntimeError(f"no support of the Gram matrix {m.tolist()} passed the KKT check "
+                           f"(a bug)")
+    return best
+
+
+def min_norm_weights(m) -> torch.Tensor:
+    """argmin over the simplex of a'Ma (MGDA); [K] float64, sums to 1, checked (KKT)."""
     m = _as_gram(m)
     k = m.shape[0]
     if k == 1:
-        return torch.ones(1, dtype=torch.float64)
-    if k == 2:
-        a = min_norm_2(float(m[0, 0]), float(m[0, 1]), float(m[1, 1]))
-        return torch.tensor([a, 1.0 - a], dtype=torch.float64)
-    # start at the best pair (as MGDA's solver does), then projected gradient with step 1/L
-    best, a = None, None
-    for i, j in itertools.combinations(range(k), 2):
-        x = min_norm_2(float(m[i, i]), float(m[i, j]), float(m[j, j]))
-        cand = torch.zeros(k, dtype=torch.float64)
-        cand[i], cand[j] = x, 1.0 - x
-        value = float(cand @ m @ cand)
-        if best is None or value < best:
-            best, a = value, cand
-    lipschitz = float(torch.linalg.eigvalsh(m).max())
-    if lipschitz <= 0:
-        return a
-    for _ in range(max_iter):
-        nxt = project_simplex(a - (m @ a) / lipschitz)
-        if float((nxt - a).abs().sum()) < tol:
-            a = nxt
-            break
-        a = nxt
-    return _kkt_polish(m, a, 1e-10)
+        a = torch.ones(1, dtype=torch.float64)
+    elif k == 2:
+        x = min_norm_2(float(m[0, 0]), float(m[0, 1]), float(m[1, 1]))
+        a = torch.tensor([x, 1.0 - x], dtype=torch.float64)
+    else:
+        a = _min_norm_exact(m)
+    _check(m, a)
+    return a
 
 
 def pcgrad_weights(m, order: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
@@ -139,6 +236,14 @@ def norm_ratio(m: torch.Tensor, eps: float = 1e-30) -> float:
     return float(n.max() / n.min()) if n.numel() >= 2 else 1.0
 
 
+def stationary(m: torch.Tensor, w: torch.Tensor) -> bool:
+    """d = sum_k w_k g_k is ~0 for the gradients' scale (they cancel): |d|^2 <=
+    STATIONARY_RTOL * N * sum_k |w_k| |g_k|, N the largest norm. Below that, rounding (float32
+    Gram matrices: ~1e-7 relative) decides the sign of <d, g_k>, so d must not be scaled up."""
+    n = _norms(m)
+    return float(w @ m @ w) <= STATIONARY_RTOL * float(n.max()) * float(w.abs() @ n)
+
+
 def integrate_one(m, rule: str = "pareto", tau: float = 10.0, restore: bool = True,
                   fixed: Optional[Sequence[float]] = None,
                   order: Optional[Sequence[Sequence[int]]] = None) -> Tuple[torch.Tensor, str]:
@@ -165,9 +270,9 @@ def integrate_one(m, rule: str = "pareto", tau: float = 10.0, restore: bool = Tr
         fired = "rescale"
     else:
         return ones, "sum"
-    if restore:
+    if restore and not stationary(m, w):
         plain, mine = float(ones @ m @ ones), float(w @ m @ w)
-        if mine > 0 and plain > mine:
+        if plain > mine:
             w = w * (plain / mine) ** 0.5
     return w, fired
 

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from megalora.config import LoRAConfig
 from megalora.hydra.config import HydraConfig
+from megalora.umm.config_io import coerce_fields, load_yaml
 from megalora.pareto.engine import ParetoConfig
 
 
@@ -163,6 +164,12 @@ class DataConfig:
 
     def validate(self, model: UMMModelConfig) -> None:
         _positive("data", self, "seq_length")
+        if self.path is None:
+            _positive("data", self, "synthetic_samples")
+        if not isinstance(self.eval_samples, int) or isinstance(self.eval_samples, bool) \
+                or self.eval_samples < 0:
+            raise ValueError(f"data.eval_samples must be an int >= 0 (0: no held-out set), got "
+                             f"{self.eval_samples!r}")
         if self.seq_length > model.max_seq_length:
             raise ValueError(f"data.seq_length={self.seq_length} exceeds "
                              f"model.max_seq_length={model.max_seq_length}")
@@ -200,8 +207,14 @@ class TrainConfig:
     """``megatron`` (megatron-core's DDP + optimizer; on CPU through the harness) or ``torch``
     (AdamW with fp32 masters and megalora's own gradient reductions)."""
     resume: bool = True
-    """Continue from the newest checkpoint in out_dir when there is one."""
+    """Continue from the newest checkpoint in out_dir when there is one. False starts afresh;
+    an earlier run's checkpoints in out_dir are then moved to checkpoints.before-<time>/."""
     tensorboard: bool = True
+    nonfinite: str = "stop"
+    """What an inf/nan loss or gradient does: ``stop`` (a clear error, nothing of that step
+    saved) or ``skip`` (the step makes no update; the run goes on)."""
+    max_nonfinite_skips: int = 10
+    """With nonfinite=skip: stop after this many skipped steps in a row."""
 
     def validate(self) -> None:
         _positive("train", self, "steps", "micro_batch_size", "num_microbatches", "log_every")
@@ -213,6 +226,9 @@ class TrainConfig:
         if self.optimizer not in ("megatron", "torch"):
             raise ValueError(f"train.optimizer must be megatron or torch, got "
                              f"{self.optimizer!r}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.nonfinite must be stop or skip, got {self.nonfinite!r}")
+        _positive("train", self, "max_nonfinite_skips")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -253,8 +269,12 @@ class RunConfig:
                              f"num_attention_heads={self.vision.num_attention_heads} and vision."
                              f"ffn_hidden_size={self.vision.ffn_hidden_size} (the encoder shares "
                              "the decoder's TP group)")
-        if self.lora.routing == "modality" and self.lora.num_heads < 2:
-            raise ValueError("lora.routing='modality' needs lora.num_heads >= 2 (text=0, image=1)")
+        if self.lora.routing == "modality" and self.lora.num_heads != 2:
+            # the UMM's tokens carry two modality ids (text 0, image span 1): a third head
+            # would never see a token and never train
+            raise ValueError(f"lora.routing='modality' needs lora.num_heads=2 (text tokens -> "
+                             f"head 0, image slots -> head 1), got {self.lora.num_heads}; use "
+                             "routing='router' for learned routing over more heads")
         if self.vision.enabled and self.lora.routing != "single" and \
                 "vision.*" not in self.lora.single_head_modules:
             # the encoder sees image patches, not the LLM's tokens: one head, no routing there
@@ -268,23 +288,33 @@ class RunConfig:
             raise ValueError(f"unknown config section(s) {unknown}; expected "
                              f"{sorted(list(SECTIONS) + ['lora'])}")
         built = {}
+        for name in raw:
+            if raw[name] is not None and not isinstance(raw[name], dict):
+                raise ValueError(f"config section {name!r} must be a mapping of field: value, "
+                                 f"got {raw[name]!r}")
         if raw.get("lora") is not None:  # else the dataclass default (2 heads, modality)
-            built["lora"] = LoRAConfig.from_dict(raw["lora"])
+            built["lora"] = LoRAConfig.from_dict(coerce_fields("lora", LoRAConfig, raw["lora"]))
         for name, klass in SECTIONS.items():
             values = dict(raw.get(name) or {})
             names = {f.name for f in dataclasses.fields(klass)}
             bad = sorted(set(values) - names)
             if bad:
                 raise ValueError(f"unknown {name} field(s) {bad}; valid: {sorted(names)}")
-            built[name] = klass(**values)
+            built[name] = klass(**coerce_fields(name, klass, values))
         return cls(**built)
 
     @classmethod
     def from_yaml(cls, path: str, overrides: Optional[List[str]] = None) -> "RunConfig":
-        import yaml
-
-        with open(resolve_config(path)) as fh:
-            raw = yaml.safe_load(fh) or {}
+        resolved = resolve_config(path)
+        with open(resolved) as fh:
+            raw = load_yaml(fh.read(), resolved)
+        if not raw:
+            raise ValueError(f"config {resolved} is empty: a run config has the sections "
+                             f"{sorted(list(SECTIONS) + ['lora'])} (see launch/configs/"
+                             "umm_tiny.yaml); an empty file would silently train the defaults")
+        if not isinstance(raw, dict):
+            raise ValueError(f"config {resolved} must be a mapping of sections (model:, train:, "
+                             f"...), got a {type(raw).__name__}")
         for item in overrides or []:
             key, eq, value = item.partition("=")
             section, dot, name = key.partition(".")
@@ -292,7 +322,7 @@ class RunConfig:
                 raise ValueError(f"override {item!r} must look like section.field=value")
             raw.setdefault(section, {})
             raw[section] = dict(raw[section] or {})
-            raw[section][name] = yaml.safe_load(value)
+            raw[section][name] = load_yaml(value, f"override {item!r}")
         return cls.from_dict(raw)
 
     def to_dict(self) -> Dict[str, Any]:

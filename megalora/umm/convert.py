@@ -10,6 +10,9 @@ Each JSONL line is one sample::
 float array [image_tokens, visual_dim] of slot features and the optional ``pixels`` a [C, H, W]
 image; paths are relative to the JSONL file's directory. Either every image has pixels or none.
 
+The dataset is built beside ``--out`` and swapped in only when every line converted: a failure
+leaves a dataset already in ``--out`` as it was. ``--out`` must be new, empty or a dataset.
+
     python -m megalora.umm.convert --jsonl data.jsonl --out data/ --base-vocab 32000 \\
         --image-tokens 64 --visual-dim 1792
 """
@@ -186,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Convert JSONL + .npy interleaved data to megalora's "
                                             "sharded safetensors format.")
     p.add_argument("--jsonl", required=True, help="input JSONL, one {'segments': [...]} per line")
-    p.add_argument("--out", required=True, help="output directory (index.json + shards)")
+    p.add_argument("--out", required=True,
+                   help="output directory (index.json + shards): new, empty or an existing "
+                        "dataset, which is replaced only if the conversion succeeds")
     p.add_argument("--base-vocab", type=int, required=True,
                    help="text vocabulary size; special tokens get the ids after it")
     p.add_argument("--image-tokens", type=int, required=True,
@@ -211,6 +216,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk, a read-only file system, ...
+        print(f"error: {exc}; nothing was written to {args.out!r} (a dataset already there is "
+              "unchanged)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; nothing was written to {args.out!r} (a dataset already there is "
+              "unchanged)", file=sys.stderr)
+        return 130
     with open(index) as fh:
         n = json.load(fh)["num_samples"]
     print(f"wrote {n} samples to {index}")

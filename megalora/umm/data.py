@@ -1,4 +1,4 @@
-"""On-disk interleaved image-text data: format, writer, reader, validation, data-parallel stream.
+"""On-disk interleaved image-text data: format, writer, reader, validation.
 
 A dataset is a directory holding ``index.json`` and shards ``shard-00000.safetensors``, ... Each
 shard stores its samples concatenated (``tokens`` int32, ``modality`` int8, ``features``
@@ -7,8 +7,10 @@ float16/float32 [slots, visual_dim], optionally ``pixels`` float16 [images, C, H
 sizes (``base_vocab``, ``image_tokens``, ``visual_dim``) so that data built for another model is
 refused at open time rather than producing silently wrong embeddings, and each shard's sha256.
 
-Every file is written atomically (temporary file in the same directory, fsync, rename) and the
-index last, so a crash never leaves an index pointing at half-written shards.
+A dataset is built in a sibling directory and swapped in only when complete (``dataset_dir.py``),
+so a failed or killed conversion leaves the dataset already there as it was. Opening checks the
+index's fields and every shard's structure; ``DataStream`` (``stream.py``, also importable from
+here) checks every sample's length against the sequence length before training starts.
 """
 
 from __future__ import annotations
@@ -17,101 +19,28 @@ import bisect
 import hashlib
 import json
 import os
+import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 from megalora.atomic import atomic_write
-from megalora.umm.batch import UMMBatch, collate
-from megalora.umm.tokens import IMAGE, PAD_MODALITY, TEXT, SpecialTokens
+from megalora.umm.dataset_dir import interrupted_swap_hint, staged_directory
+from megalora.umm.sample_check import Sample, validate_sample
+from megalora.umm.stream import DataStream  # noqa: F401  (public import path)
+from megalora.umm.tokens import SpecialTokens
 
 FORMAT = "megalora-umm-data"
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _OFFSETS = ("sample_offsets", "slot_offsets", "image_offsets")
-
-Sample = Dict[str, torch.Tensor]
+# What the writer puts in a dataset directory (atomic_write's temporaries start with ".tmp-")
+_OWN_FILES = re.compile(r"index\.json|shard-\d{5,}\.safetensors|\.tmp-.*")
 
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------
-
-def _check_layout(tokens, modality, special: SpecialTokens, image_tokens: int, where: str) -> int:
-    """Check image spans and modality ids against the tokens; return the number of images."""
-    n = tokens.numel()
-    starts = (tokens == special.img_start).nonzero().flatten().tolist()
-    for s in starts:
-        span = tokens[s + 1:s + 2 + image_tokens].tolist()
-        if span != [special.img_slot] * image_tokens + [special.img_end]:
-            raise ValueError(f"{where}: the image span at position {s} is not [IMG] + "
-                             f"{image_tokens} x <image> + [/IMG] (model.image_tokens="
-                             f"{image_tokens}); got tokens "
-                             f"{tokens[s:s + 2 + image_tokens].tolist()}")
-    # Every span found above is disjoint from the others, so matching totals mean no stray
-    # <image> or [/IMG] exists outside a well-formed span.
-    n_slots = int((tokens == special.img_slot).sum())
-    n_ends = int((tokens == special.img_end).sum())
-    if n_slots != image_tokens * len(starts) or n_ends != len(starts):
-        raise ValueError(f"{where}: {n_slots} <image> and {n_ends} [/IMG] tokens for "
-                         f"{len(starts)} [IMG]: an <image> or [/IMG] sits outside an image span "
-                         f"[IMG] + {image_tokens} x <image> + [/IMG]")
-    expected = torch.full((n,), TEXT, dtype=torch.int64)
-    expected[(tokens == special.img_start) | (tokens == special.img_slot)] = IMAGE
-    expected[tokens == special.pad] = PAD_MODALITY
-    bad = (modality != expected).nonzero().flatten()
-    if bad.numel():
-        p = int(bad[0])
-        raise ValueError(f"{where}: modality ids inconsistent with tokens at {bad.numel()} "
-                         f"position(s), first at {p}: token {int(tokens[p])} has modality "
-                         f"{int(modality[p])}, expected {int(expected[p])} (IMAGE=1 for [IMG] and "
-                         "its <image> slots, TEXT=0 for text and [/IMG], -1 only for [PAD])")
-    return len(starts)
-
-
-def validate_sample(sample: Sample, special: SpecialTokens, image_tokens: int, visual_dim: int,
-                    where: str) -> None:
-    """Raise ValueError (naming ``where``) unless ``sample`` follows the layout of ``tokens.py``."""
-    tokens, modality, feats = sample.get("tokens"), sample.get("modality"), sample.get("features")
-    for key, t in (("tokens", tokens), ("modality", modality), ("features", feats)):
-        if not torch.is_tensor(t):
-            raise ValueError(f"{where}: sample[{key!r}] must be a tensor, got {type(t).__name__}")
-    if tokens.dim() != 1 or tokens.numel() == 0 or tokens.is_floating_point():
-        raise ValueError(f"{where}: tokens must be a non-empty 1-D integer tensor, got "
-                         f"{tuple(tokens.shape)} {tokens.dtype}")
-    if modality.shape != tokens.shape or modality.is_floating_point():
-        raise ValueError(f"{where}: modality must be an integer tensor shaped like tokens "
-                         f"{tuple(tokens.shape)}, got {tuple(modality.shape)} {modality.dtype}")
-    tokens, modality = tokens.to(torch.int64), modality.to(torch.int64)
-    if int(tokens.min()) < 0 or int(tokens.max()) >= special.vocab_size:
-        bad = int(tokens[(tokens < 0) | (tokens >= special.vocab_size)][0])
-        raise ValueError(f"{where}: token id {bad} is outside [0, {special.vocab_size}) "
-                         f"(model.base_vocab={special.base_vocab} + 4 special tokens)")
-    stray = modality[(modality != TEXT) & (modality != IMAGE) & (modality != PAD_MODALITY)]
-    if stray.numel():
-        raise ValueError(f"{where}: modality id {int(stray[0])} is not one of -1 (pad), 0 (text), "
-                         "1 (image)")
-    n_images = _check_layout(tokens, modality, special, image_tokens, where)
-    if feats.dim() != 2 or feats.shape[1] != visual_dim or not feats.is_floating_point():
-        raise ValueError(f"{where}: features must be a float [n_slots, {visual_dim}] tensor "
-                         f"(model.visual_dim={visual_dim}), got {tuple(feats.shape)} {feats.dtype}")
-    n_slots = n_images * image_tokens
-    if feats.shape[0] != n_slots:
-        raise ValueError(f"{where}: {feats.shape[0]} feature rows but {n_slots} <image> tokens; "
-                         "there must be exactly one feature row per <image>")
-    if not bool(torch.isfinite(feats).all()):
-        raise ValueError(f"{where}: features contain NaN or inf")
-    pixels = sample.get("pixels")
-    if pixels is not None and (not torch.is_tensor(pixels) or pixels.dim() != 4
-                               or pixels.shape[0] != n_images):
-        shape = tuple(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__
-        raise ValueError(f"{where}: pixels must be a [n_images={n_images}, C, H, W] tensor, "
-                         f"got {shape}")
 
 
 def _canonical(sample: Sample) -> Sample:
@@ -161,12 +90,6 @@ def _shard_tensors(samples: List[Sample], feature_dtype: torch.dtype,
 def _write_shard(samples: List[Sample], path: str, feature_dtype: str, has_pixels: bool) -> dict:
     from safetensors.torch import save_file
 
-    index_path = os.path.join(os.path.dirname(path), INDEX_FILE)
-    # An old index would describe the shards about to be overwritten: drop it before the first
-    # one so an interrupted rewrite reads as "no dataset" rather than a checksum error, while
-    # input that fails validation before any shard is written leaves the old dataset intact.
-    if os.path.exists(index_path):
-        os.unlink(index_path)
     tensors = _shard_tensors(samples, FEATURE_DTYPES[feature_dtype], has_pixels)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={
         "format": FORMAT, "version": str(FORMAT_VERSION)}))
@@ -175,21 +98,10 @@ def _write_shard(samples: List[Sample], path: str, feature_dtype: str, has_pixel
             "sha256": _sha256(path)}
 
 
-def write_dataset(samples: Iterable[Sample], out_dir: str, *, base_vocab: int, image_tokens: int,
-                  visual_dim: int, shard_size: int = 1024, feature_dtype: str = "float16") -> str:
-    """Validate ``samples`` and write them as a sharded dataset in ``out_dir``; return index path.
-
-    ``samples`` may be any iterable (a generator keeps at most ``shard_size`` samples in memory).
-    Either every sample carries ``pixels`` or none does.
-    """
-    if feature_dtype not in FEATURE_DTYPES:
-        raise ValueError(f"feature_dtype must be one of {sorted(FEATURE_DTYPES)}, "
-                         f"got {feature_dtype!r}")
-    if not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
-    special = SpecialTokens(base_vocab)
-    os.makedirs(out_dir, exist_ok=True)
-    index_path = os.path.join(out_dir, INDEX_FILE)
+def _write_shards(samples: Iterable[Sample], directory: str, special: SpecialTokens,
+                  image_tokens: int, visual_dim: int, shard_size: int,
+                  feature_dtype: str) -> dict:
+    """Validate and write ``samples`` as shards in ``directory``; return the index's body."""
     shards, buf, has_pixels, pixel_shape, count = [], [], None, None, 0
     for sample in samples:
         validate_sample(sample, special, image_tokens, visual_dim, where=f"sample {count}")
@@ -206,25 +118,63 @@ def write_dataset(samples: Iterable[Sample], out_dir: str, *, base_vocab: int, i
         buf.append(sample)
         count += 1
         if len(buf) == shard_size:
-            shards.append(_write_shard(buf, os.path.join(out_dir, shard_name(len(shards))),
+            shards.append(_write_shard(buf, os.path.join(directory, shard_name(len(shards))),
                                        feature_dtype, has_pixels))
             buf = []
     if buf:
-        shards.append(_write_shard(buf, os.path.join(out_dir, shard_name(len(shards))),
+        shards.append(_write_shard(buf, os.path.join(directory, shard_name(len(shards))),
                                    feature_dtype, has_pixels))
-    if count == 0:
-        raise ValueError(f"write_dataset({out_dir!r}): no samples to write")
-    index = {"format": FORMAT, "version": FORMAT_VERSION, "base_vocab": base_vocab,
-             "image_tokens": image_tokens, "visual_dim": visual_dim,
-             "feature_dtype": feature_dtype, "has_pixels": bool(has_pixels),
-             "pixel_shape": pixel_shape, "num_samples": count, "shards": shards}
+    return {"has_pixels": bool(has_pixels), "pixel_shape": pixel_shape, "num_samples": count,
+            "shards": shards}
 
-    def write_index(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(index, fh, indent=1)
 
-    atomic_write(index_path, write_index)
-    return index_path
+def _is_dataset_file(path: str) -> bool:
+    """Whether ``path`` (an entry of an existing output directory) is a file this writer makes,
+    i.e. one that replacing the directory may delete."""
+    name = os.path.basename(path)
+    if os.path.islink(path) or not os.path.isfile(path) or not _OWN_FILES.fullmatch(name):
+        return False
+    if name != INDEX_FILE:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            index = json.loads(fh.read())
+    except ValueError:
+        return True  # a truncated index of ours (its shards sit beside it)
+    # A readable index.json of another format belongs to someone else's data.
+    return isinstance(index, dict) and index.get("format") == FORMAT
+
+
+def write_dataset(samples: Iterable[Sample], out_dir: str, *, base_vocab: int, image_tokens: int,
+                  visual_dim: int, shard_size: int = 1024, feature_dtype: str = "float16") -> str:
+    """Validate ``samples`` and write them as a sharded dataset in ``out_dir``; return index path.
+
+    ``samples`` may be any iterable (a generator keeps at most ``shard_size`` samples in memory).
+    Either every sample carries ``pixels`` or none does. The dataset is built in a sibling
+    directory and swapped in when complete (``dataset_dir.py``): if anything fails, a dataset
+    already in ``out_dir`` is left untouched. ``out_dir`` must be missing, empty or a dataset.
+    """
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature_dtype must be one of {sorted(FEATURE_DTYPES)}, "
+                         f"got {feature_dtype!r}")
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+    special = SpecialTokens(base_vocab)
+    with staged_directory(out_dir, owned=_is_dataset_file) as staging:
+        body = _write_shards(samples, staging, special, image_tokens, visual_dim, shard_size,
+                             feature_dtype)
+        if body["num_samples"] == 0:
+            raise ValueError(f"write_dataset({out_dir!r}): no samples to write")
+        index = {"format": FORMAT, "version": FORMAT_VERSION, "base_vocab": base_vocab,
+                 "image_tokens": image_tokens, "visual_dim": visual_dim,
+                 "feature_dtype": feature_dtype, **body}
+
+        def write_index(tmp):
+            with open(tmp, "w") as fh:
+                json.dump(index, fh, indent=1)
+
+        atomic_write(os.path.join(staging, INDEX_FILE), write_index)
+    return os.path.join(out_dir, INDEX_FILE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,23 +259,85 @@ class _Shard:
         return out
 
 
+_REGENERATE = "regenerate the dataset (python -m megalora.umm.convert or write_dataset)"
+# Checked before any field is used, so that a hand-edited or damaged index fails with the field's
+# name rather than a KeyError or TypeError.
+_INDEX_FIELDS = {"version": (int, "the format version"), "base_vocab": (int, "text vocabulary"),
+                 "image_tokens": (int, "<image> slots per image"),
+                 "visual_dim": (int, "feature dimension"),
+                 "feature_dtype": (str, "storage dtype of the features"),
+                 "has_pixels": (bool, "whether samples carry pixels"),
+                 "num_samples": (int, "total sample count"),
+                 "shards": (list, "the list of shard entries")}
+_SHARD_FIELDS = {"file": str, "samples": int, "sha256": str}
+
+
+def _read_index(index_path: str) -> dict:
+    if not os.path.isfile(index_path):
+        raise FileNotFoundError(f"no data index at {index_path!r}; build the dataset with "
+                                "write_dataset / python -m megalora.umm.convert"
+                                + interrupted_swap_hint(os.path.dirname(index_path)))
+    try:
+        with open(index_path, "rb") as fh:
+            index = json.loads(fh.read())
+    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
+        raise ValueError(f"data index {index_path!r} is not valid JSON ({exc}); it is "
+                         f"truncated or corrupt: {_REGENERATE}") from exc
+    if not isinstance(index, dict):
+        raise ValueError(f"data index {index_path!r} holds a JSON {type(index).__name__}, not "
+                         f"an object, so it is not a {FORMAT} index; {_REGENERATE}")
+    return index
+
+
+def _wrong_type(value, want: type) -> bool:
+    # JSON true/false load as bool, which Python counts as int: not a valid count
+    return not isinstance(value, want) or (want is int and isinstance(value, bool))
+
+
+def _check_fields(index: dict, path: str) -> None:
+    for key, (want, what) in _INDEX_FIELDS.items():
+        if key not in index:
+            raise ValueError(f"data index {path!r} lacks {key!r} ({what}): the index is "
+                             f"incomplete; {_REGENERATE}")
+        if _wrong_type(index[key], want):
+            raise ValueError(f"data index {path!r}: {key!r} is {type(index[key]).__name__} "
+                             f"{index[key]!r:.60} but must be {want.__name__} ({what}); "
+                             f"{_REGENERATE}")
+    shape = index.get("pixel_shape")
+    if index["has_pixels"] and (not isinstance(shape, list) or len(shape) != 3 or any(
+            _wrong_type(x, int) or x < 1 for x in shape)):
+        raise ValueError(f"data index {path!r}: has_pixels is true but pixel_shape {shape!r} is "
+                         f"not a [C, H, W] list of positive ints; {_REGENERATE}")
+    for i, entry in enumerate(index["shards"]):
+        for key, want in _SHARD_FIELDS.items():
+            value = entry.get(key) if isinstance(entry, dict) else None
+            if _wrong_type(value, want) or (key == "samples" and value < 0):
+                raise ValueError(f"data index {path!r}: shards[{i}] needs {key!r} as a "
+                                 f"{'non-negative ' if want is int else ''}{want.__name__}, got "
+                                 f"{value!r:.60}; {_REGENERATE}")
+        if entry["file"] in ("", ".", "..") or os.path.basename(entry["file"]) != entry["file"]:
+            raise ValueError(f"data index {path!r}: shards[{i}] file {entry['file']!r} is not a "
+                             f"file name inside the dataset directory; {_REGENERATE}")
+
+
 def _check_header(index: dict, path: str, base_vocab: int, image_tokens: int,
                   visual_dim: int) -> None:
     if index.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a {FORMAT} index (format={index.get('format')!r})")
-    if index.get("version", 0) > FORMAT_VERSION:
+    _check_fields(index, path)
+    if index["version"] > FORMAT_VERSION:
         raise ValueError(f"{path!r} has data format version {index['version']}; this megalora "
                          f"reads up to {FORMAT_VERSION}: upgrade megalora")
     for field, want in (("base_vocab", base_vocab), ("image_tokens", image_tokens),
                         ("visual_dim", visual_dim)):
-        if index.get(field) != want:
-            raise ValueError(f"data at {path!r} has {field}={index.get(field)} but "
+        if index[field] != want:
+            raise ValueError(f"data at {path!r} has {field}={index[field]} but "
                              f"model.{field}={want}: the data was built for another model; "
-                             f"rebuild it or set model.{field}={index.get(field)}")
-    if index.get("feature_dtype") not in FEATURE_DTYPES:
-        raise ValueError(f"{path!r}: feature_dtype {index.get('feature_dtype')!r} is not one of "
+                             f"rebuild it or set model.{field}={index[field]}")
+    if index["feature_dtype"] not in FEATURE_DTYPES:
+        raise ValueError(f"{path!r}: feature_dtype {index['feature_dtype']!r} is not one of "
                          f"{sorted(FEATURE_DTYPES)}")
-    total = sum(int(s["samples"]) for s in index["shards"])
+    total = sum(s["samples"] for s in index["shards"])
     if total != index["num_samples"]:
         raise ValueError(f"{path!r}: num_samples={index['num_samples']} but the shards hold "
                          f"{total}; the index is corrupt, regenerate the dataset")
@@ -339,6 +351,7 @@ class UMMDataset:
                  has_pixels: bool = False):
         self.special, self.image_tokens, self.visual_dim = special, image_tokens, visual_dim
         self.has_pixels = has_pixels
+        self.path: Optional[str] = None  # the index.json of an opened dataset, for messages
         self._samples, self._shards = samples, shards or []
         self._starts = [0]
         for sh in self._shards:
@@ -350,21 +363,15 @@ class UMMDataset:
         """Open the dataset at ``path`` (its directory or its index.json); ``verify`` hashes
         every shard against the index (reads all bytes once)."""
         index_path = path if path.endswith(".json") else os.path.join(path, INDEX_FILE)
-        if not os.path.isfile(index_path):
-            raise FileNotFoundError(f"no data index at {index_path!r}; build the dataset with "
-                                    "write_dataset / python -m megalora.umm.convert")
-        try:
-            with open(index_path) as fh:
-                index = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"data index {index_path!r} is not valid JSON ({exc}); it is "
-                             "truncated or corrupt, regenerate the dataset") from exc
+        index = _read_index(index_path)
         _check_header(index, index_path, base_vocab, image_tokens, visual_dim)
         directory = os.path.dirname(os.path.abspath(index_path))
         shards = [_Shard(os.path.join(directory, e["file"]), e, index, verify)
                   for e in index["shards"]]
-        return cls(SpecialTokens(base_vocab), image_tokens, visual_dim, shards=shards,
-                   has_pixels=bool(index["has_pixels"]))
+        ds = cls(SpecialTokens(base_vocab), image_tokens, visual_dim, shards=shards,
+                 has_pixels=bool(index["has_pixels"]))
+        ds.path = index_path
+        return ds
 
     @classmethod
     def from_samples(cls, samples: Sequence[Sample], *, base_vocab: int, image_tokens: int,
@@ -395,97 +402,36 @@ class UMMDataset:
                         where=f"{shard.name} sample {local}")
         return sample
 
+    def _where(self, i: int) -> str:
+        """Sample ``i`` named for a person: its shard file and index in it, or the list index."""
+        if self._samples is not None:
+            return f"sample {i} of the in-memory dataset"
+        k = bisect.bisect_right(self._starts, i) - 1
+        return (f"sample {i} ({self._shards[k].name} sample {i - self._starts[k]} of "
+                f"{self.path!r})")
+
+    def sample_lengths(self) -> torch.Tensor:
+        """Token count of every sample [len] int64, from the shards' offsets (reads no sample)."""
+        if self._samples is not None:
+            return torch.tensor([s["tokens"].numel() for s in self._samples], dtype=torch.int64)
+        parts = [sh.offsets["sample_offsets"].diff() for sh in self._shards]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+    def check_seq_length(self, seq_length: int) -> None:
+        """Raise ValueError naming the first sample longer than ``seq_length`` tokens."""
+        lengths = self.sample_lengths()
+        too_long = (lengths > seq_length).nonzero().flatten()
+        if not too_long.numel():
+            return
+        i, longest = int(too_long[0]), int(lengths.max())
+        raise ValueError(f"data: {too_long.numel()} sample(s) are longer than data.seq_length="
+                         f"{seq_length}; the first is {self._where(i)} with {int(lengths[i])} "
+                         f"tokens, the longest has {longest}. Raise data.seq_length (and "
+                         f"model.max_seq_length if needed) to at least {longest}, or drop or split "
+                         "those samples (python -m megalora.umm.convert --max-tokens "
+                         f"{seq_length} rejects them)")
+
     def validate_all(self) -> None:
         """Read and validate every sample (raises on the first bad one)."""
         for i in range(len(self)):
             self[i]
-
-
-# ---------------------------------------------------------------------------------------------
-# Data-parallel stream
-# ---------------------------------------------------------------------------------------------
-
-class DataStream:
-    """Deterministic, resumable micro-batches for one data-parallel rank.
-
-    Each epoch visits a permutation of the dataset drawn from (seed, epoch). Step k of an epoch
-    takes the k-th global batch (``micro_batch_size * dp_size`` samples) of that order and rank r
-    keeps its r-th micro-batch-sized piece, so ranks never share a sample within an epoch. The
-    last ``len(dataset) % global_batch`` samples of each epoch's order are skipped (a different
-    set every epoch when shuffling).
-    """
-
-    def __init__(self, dataset, *, micro_batch_size: int, seq_length: int,
-                 special: SpecialTokens, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 shuffle: bool = True):
-        for name, v in (("micro_batch_size", micro_batch_size), ("seq_length", seq_length),
-                        ("dp_size", dp_size)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"DataStream: {name} must be a positive int, got {v!r}")
-        if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
-            raise ValueError(f"DataStream: dp_rank must be in [0, dp_size={dp_size}), got "
-                             f"{dp_rank!r}")
-        self.dataset, self.special = dataset, special
-        self.micro_batch_size, self.seq_length = micro_batch_size, seq_length
-        self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
-        if len(dataset) < self.global_batch:
-            raise ValueError(f"data: the dataset has {len(dataset)} samples but one global batch "
-                             f"needs micro_batch_size x dp_size = {micro_batch_size} x {dp_size} "
-                             f"= {self.global_batch}; use more data or a smaller batch")
-        self.epoch, self.position = 0, 0
-        self._order: Optional[torch.Tensor] = None
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch_size * self.dp_size
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.dataset) // self.global_batch
-
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        """The global sample order of ``epoch`` (identical on every rank)."""
-        n = len(self.dataset)
-        if not self.shuffle:
-            return torch.arange(n)
-        # Mix seed and epoch into one 63-bit seed so (seed, epoch) pairs do not collide.
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2 ** 63))
-        return torch.randperm(n, generator=g)
-
-    def next_indices(self) -> List[int]:
-        """Dataset indices of this rank's next micro-batch (advances the stream)."""
-        if self.position + self.global_batch > len(self.dataset):
-            self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        if self._order is None:
-            self._order = self.epoch_order(self.epoch)
-        start = self.position + self.dp_rank * self.micro_batch_size
-        self.position += self.global_batch
-        return self._order[start:start + self.micro_batch_size].tolist()
-
-    def next_batch(self) -> UMMBatch:
-        return collate([self.dataset[i] for i in self.next_indices()], self.seq_length,
-                       self.special)
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict:
-        """Where the stream is; restoring it replays exactly the batches that would follow."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "shuffle": self.shuffle, "num_samples": len(self.dataset)}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("seed", self.seed), ("shuffle", self.shuffle),
-                          ("num_samples", len(self.dataset))):
-            if state.get(key) != mine:
-                raise ValueError(f"data stream state has {key}={state.get(key)!r} but this stream "
-                                 f"has {key}={mine!r}; resuming would not replay the same order")
-        position = int(state["position"])
-        # Positions are counted in samples, so a resume with another dp_size is exact as long as
-        # the old position falls on a boundary of the new global batch.
-        if position % self.global_batch or position > len(self.dataset):
-            raise ValueError(f"data stream state position={position} is not a multiple of this "
-                             f"stream's global batch {self.global_batch} (micro_batch_size x "
-                             "dp_size changed?)")
-        self.epoch, self.position, self._order = int(state["epoch"]), position, None

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megalora.atomic import atomic_write_bytes
+from megalora.config import LoRAConfig
 from megalora.sharding import FactorSharding, shard, unshard
 from megalora.umm.hf_layout import (LORA_FACTORS, check_llama_config, hf_entry, join,
                                     llama_config, merged_tensors, peft_adapter_config,
@@ -168,10 +169,9 @@ def _full_base(param, group) -> torch.Tensor:
 
 
 def _lora_config(model):
-    from megalora.runtime import _chunks
+    from megalora.inject import lora_config_of
 
-    return next((getattr(c, "_lora_config", None) for c in _chunks(model)
-                 if getattr(c, "_lora_config", None) is not None), None)
+    return lora_config_of(model)
 
 
 def _agree(error: Optional[str]) -> None:
@@ -182,7 +182,8 @@ def _agree(error: Optional[str]) -> None:
         dist.all_gather_object(errors, error)
     found = next((e for e in errors if e), None)
     if found:
-        raise ValueError(found)
+        from megalora.errors import AgreedError
+        raise AgreedError(found)  # the same on every rank: printed once
 
 
 def _check_exportable(model, head: int) -> None:
@@ -213,17 +214,17 @@ def _collect(model, with_base: bool) -> Optional[dict]:
     base tensors of all stages; None elsewhere. Collective over the whole world."""
     from megatron.core import parallel_state as ps
 
-    from megalora.checkpoint import _module_manifest, _stage_leader, adapter_state
+    from megalora.checkpoint import adapter_state, module_manifest, stage_leader
     from megalora.inject import lora_modules
 
     lora = adapter_state(model)
     group = ps.get_tensor_model_parallel_group() if ps.is_initialized() else None
     base = {c: (kind, names, _full_base(p, group)) for c, kind, names, p in _base_params(model)} \
         if with_base else {}
-    modules = _module_manifest(model)
+    modules = module_manifest(model)
     for layer in lora_modules(model):
         modules[layer.lora_name]["merged_head"] = layer.lora_merged_head
-    payload = {"lora": lora, "modules": modules, "base": base} if _stage_leader() else {}
+    payload = {"lora": lora, "modules": modules, "base": base} if stage_leader() else {}
     if not dist.is_initialized() or dist.get_world_size() == 1:
         parts = [payload]
     else:
@@ -357,13 +358,47 @@ def _cli_export_merged(args) -> int:
     return _cli_export(args, merged=True)
 
 
+def _given_lora_fields(args) -> set:
+    """The ``lora`` fields the YAML or the overrides set explicitly (not defaults)."""
+    import yaml
+
+    from megalora.umm.config import resolve_config
+
+    with open(resolve_config(args.config)) as fh:
+        raw = yaml.safe_load(fh) or {}
+    given = set((raw.get("lora") or {}) if isinstance(raw, dict) else {})
+    return given | {item.partition("=")[0][len("lora."):] for item in args.overrides or []
+                    if item.startswith("lora.")}
+
+
+def export_lora_config(path: str, manifest: dict, run_lora: LoRAConfig, given) -> LoRAConfig:
+    """The LoRAConfig to export ``path`` with: the one stored in the adapter (the run config may
+    have been edited since training). A field the run config sets explicitly (``given``) to
+    another value is an error naming it; a file without a stored config (saved through DDP by an
+    older megalora) falls back to ``run_lora``, and load_adapter still checks every module's
+    rank and scale against the file."""
+    from megalora.checkpoint import ADAPTER_FIELDS, adapter_config, config_differences
+
+    stored = adapter_config(path, manifest)
+    if stored is None:
+        logger.warning("megalora: %s stores no LoRA config (an older adapter saved through a DDP "
+                       "wrapper); using the run config's lora section", path)
+        return run_lora
+    diffs = config_differences(stored, run_lora, [f for f in ADAPTER_FIELDS if f in given])
+    if diffs:
+        raise ValueError(f"adapter {path!r} was trained with other LoRA settings than the run "
+                         f"config gives (adapter vs config): lora.{'; lora.'.join(diffs)}. The "
+                         "export uses the adapter's own settings: drop these lora fields from the "
+                         "config or set them to the adapter's values")
+    return stored
+
+
 def _cli_export(args, merged: bool) -> int:
     """Build the model at the config's layout, load base weights and adapter, export."""
     import contextlib
 
     import megalora
     from megalora.checkpoint import read_manifest
-    from megalora.config import LoRAConfig
     from megalora.testing.cpu import cpu_megatron
     from megalora.umm.config import RunConfig
     from megalora.umm.model import build_umm
@@ -374,8 +409,7 @@ def _cli_export(args, merged: bool) -> int:
     if os.path.isdir(adapter):
         adapter = os.path.join(adapter, "adapter.safetensors")
     manifest = read_manifest(adapter)  # clear errors before any process group exists
-    lora = LoRAConfig.from_dict(manifest["lora_config"]) if manifest.get("lora_config") \
-        else run.lora  # the adapter's own config: the run's may have been edited since
+    lora = export_lora_config(adapter, manifest, run.lora, _given_lora_fields(args))
     if "RANK" not in os.environ and run.parallel.tensor_parallel * \
             run.parallel.pipeline_parallel == 1:
         from megalora.testing.dist import free_port

@@ -172,7 +172,9 @@ class MegatronAdapterOptimizer:
             group["lr"] = lr
         ok, norm, _ = self.opt.step()
         if not ok:
-            raise FloatingPointError("megatron optimizer skipped the step (inf/nan gradients)")
+            from megalora.errors import NonFiniteError
+            raise NonFiniteError("megatron-core's optimizer skipped the step (inf/nan "
+                                 "gradients): lower train.lr or check the data")
         return float(norm) if norm is not None else 0.0
 
     def state_dict(self) -> Dict:

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from megalora.umm.config import RunConfig
+from megalora.umm.nonfinite import check_adapter_finite, nonfinite_problem, on_nonfinite
+from megalora.umm.progress import ProgressLog
 
 logger = logging.getLogger("megalora")
 
@@ -186,88 +188,6 @@ def evaluate(model, run: RunConfig, stream, device, max_batches: int = 8) -> dic
     return _global_scalars(loss_scalars(results), device)
 
 
-class _Logger:
-    """Rank-0 progress bar (tqdm) and TensorBoard scalars; silent elsewhere."""
-
-    def __init__(self, run: RunConfig, start: int, rank0: bool):
-        self.rank0, self.writer, self.bar = rank0, None, None
-        self.start, self.total, self.t0 = start, run.train.steps, time.time()
-        if not rank0:
-            return
-        from tqdm import tqdm
-
-        import sys
-
-        # a bar only on a terminal; logs (torchrun, SLURM) get the periodic lines below
-        self.bar = tqdm(total=run.train.steps, initial=start, desc="train", unit="step",
-                        dynamic_ncols=True, disable=not sys.stderr.isatty())
-        if run.train.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(os.path.join(run.train.out_dir, "tensorboard"))
-            except ImportError as exc:
-                logger.warning("megalora: TensorBoard logging off (%s)", exc)
-
-    def pareto(self, stats: dict, run: RunConfig) -> None:
-        """Per-group norms, cosine, ratio, weights: TensorBoard and out_dir/pareto.jsonl."""
-        if not self.rank0:
-            return
-        if run.pareto.history:
-            from megalora.pareto.engine import write_history
-            write_history(run.train.out_dir, stats)
-        if self.writer is None:
-            return
-        for g, name in enumerate(stats["groups"]):
-            if max(stats["norms"][g]) == 0:
-                continue
-            for k, obj in enumerate(stats["objectives"]):
-                self.writer.add_scalar(f"pareto/{name}/norm_{obj}", stats["norms"][g][k],
-                                       stats["step"])
-                self.writer.add_scalar(f"pareto/{name}/weight_{obj}", stats["weights"][g][k],
-                                       stats["step"])
-            self.writer.add_scalar(f"pareto/{name}/cos", stats["cos"][g], stats["step"])
-            self.writer.add_scalar(f"pareto/{name}/ratio", stats["ratio"][g], stats["step"])
-
-    def step(self, step: int, scalars: dict, lr: float, norm: float, tok_s: float,
-             every: int, extra: str = "") -> None:
-        if not self.rank0:
-            return
-        self.bar.update(1)
-        self.bar.set_postfix(text=f"{scalars['text']:.3f}", image=f"{scalars['image']:.3f}",
-                             tok_s=f"{tok_s:.0f}")
-        if self.writer is not None:
-            for name in ("text", "image", "loss"):
-                self.writer.add_scalar(f"loss/{name}", scalars[name], step)
-            self.writer.add_scalar("train/lr", lr, step)
-            self.writer.add_scalar("train/grad_norm", norm, step)
-            self.writer.add_scalar("train/tokens_per_s", tok_s, step)
-        if step % every == 0 or step == 1:
-            # the same ETA as the bar's, for logs (torchrun, SLURM) where the bar is off
-            eta = (time.time() - self.t0) / max(1, step - self.start) * (self.total - step)
-            self.message(f"step {step:5d}  text {scalars['text']:.4f}  image "
-                         f"{scalars['image']:.4f}  lr {lr:.2e}  grad {norm:.3f}  "
-                         f"{tok_s:.0f} tok/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
-                         + (f"  [{extra}]" if extra else ""))
-
-    def scalars(self, tag: str, values: dict, step: int) -> None:
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(f"{tag}/{name}", value, step)
-
-    def message(self, text: str) -> None:
-        if self.rank0:
-            if self.bar is not None and not self.bar.disable:
-                self.bar.write(text)
-            else:
-                print(text, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
 def _build(run: RunConfig, device):
     import megalora
     from megalora.umm.model import build_umm
@@ -320,47 +240,81 @@ def train(run: RunConfig, max_steps_this_run: int = 0, on_step=None) -> dict:
     from megalora.testing.cpu import cpu_megatron
 
     device = _setup(run)
-    rank0 = dist.get_rank() == 0
     torch.manual_seed(run.train.seed)
     harness = cpu_megatron() if device.type == "cpu" else contextlib.nullcontext()
-    preempt = _Preemption()
-    with harness:
-        model, report = _build(run, device)
-        if rank0:
-            print(report, flush=True)
-        optimizer, runner = _optimizer(run, model, device)
-        hydra = None
-        if run.hydra.enabled:
-            from megalora.hydra.scheduler import HydraScheduler
-            hydra = HydraScheduler.for_run(run, model)
-        engine = None
-        if run.pareto.enabled:
-            from megalora.pareto.engine import ParetoEngine
-            engine = ParetoEngine(run.pareto, model, run.model.num_layers)
+    preempt, lock = _Preemption(), None
+    try:
+        with harness:
+            lock, ckpt = _claim_out_dir(run)
+            job = _make_job(run, device, preempt, on_step)
+            return _train_job(job, ckpt, max_steps_this_run)
+    finally:
+        preempt.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _claim_out_dir(run: RunConfig):
+    """(rank 0's lock on out_dir or None, the checkpoint to resume or None); every rank agrees
+    (see ``megalora.umm.rundir``)."""
+    from megalora.errors import agree
+    from megalora.umm.checkpointing import latest_checkpoint
+    from megalora.umm.rundir import claim
+
+    lock, ckpt = None, None
+    with agree("train.out_dir"):
+        ckpt = latest_checkpoint(run.train.out_dir) if run.train.resume else None
+        if dist.get_rank() == 0:
+            lock = claim(run.train.out_dir, fresh=ckpt is None)
+    return lock, ckpt
+
+
+def _make_job(run: RunConfig, device, preempt, on_step) -> "_Job":
+    from megalora.errors import agree
+
+    model, report = _build(run, device)
+    if dist.get_rank() == 0:
+        print(report, flush=True)
+    optimizer, runner = _optimizer(run, model, device)
+    hydra = None
+    if run.hydra.enabled:
+        from megalora.hydra.scheduler import HydraScheduler
+        hydra = HydraScheduler.for_run(run, model)
+    engine = None
+    if run.pareto.enabled:
+        from megalora.pareto.engine import ParetoEngine
+        engine = ParetoEngine(run.pareto, model, run.model.num_layers)
+    with agree("data"):  # a dataset missing or broken on one node stops every rank with it
         train_set, held_out = _datasets(run)
         stream, evals = _streams(run, train_set, held_out)
-        eval_start = evals.state_dict() if evals else None
-        job = _Job(run, device, model, runner, optimizer, engine, stream, preempt,
-                   on_step=on_step, hydra=hydra)
-        start, ckpt = _resume(job)
-        job.log = _Logger(run, start, rank0)
-        if engine is not None and rank0:
-            from megalora.pareto.engine import trim_history
-            trim_history(run.train.out_dir, start)
-        if ckpt:
-            job.log.message(f"resumed from {ckpt} at step {start}")
+    return _Job(run, device, model, runner, optimizer, engine, stream, preempt,
+                on_step=on_step, hydra=hydra, evals=evals)
+
+
+def _train_job(job: "_Job", ckpt: Optional[str], max_steps_this_run: int) -> dict:
+    run, rank0 = job.run, dist.get_rank() == 0
+    eval_start = job.evals.state_dict() if job.evals else None
+    start = _resume(job, ckpt)
+    job.log = ProgressLog(run, start, rank0)
+    if job.engine is not None and rank0:
+        from megalora.pareto.engine import trim_history
+        trim_history(run.train.out_dir, start)
+    if ckpt:
+        job.log.message(f"resumed from {ckpt} at step {start}")
+    try:
         result = _loop(job, start, max_steps_this_run)
         _summarise(job, result["losses"], start, ckpt)
         if not result["stopped_early"]:
-            result.update(_finish(run, runner, evals, eval_start, device, job.log))
-            if hydra is not None:
+            check_adapter_finite(job.model, run.train.steps)
+            result.update(_finish(run, job.runner, job.evals, eval_start, job.device, job.log))
+            if job.hydra is not None:
                 from megalora.hydra.report import finish
-                result["hydra"] = finish(hydra, run, rank0)
+                result["hydra"] = finish(job.hydra, run, rank0)
                 job.log.message(f"HyDRA: {result['hydra']['params']:,} of "
-                                f"{hydra.budget:,} budget parameters; ranks in "
+                                f"{job.hydra.budget:,} budget parameters; ranks in "
                                 f"{result['hydra']['config']}, {result['hydra']['plot']}")
+    finally:
         job.log.close()
-    preempt.restore()
     return result
 
 
@@ -378,42 +332,71 @@ class _Job:
     """ParetoEngine or None."""
     stream: object
     preempt: _Preemption
-    log: Optional[_Logger] = None
+    log: Optional[ProgressLog] = None
     on_step: Optional[object] = None
     """Called as on_step(step, model, scalars) after each optimizer step."""
     hydra: Optional[object] = None
     """HydraScheduler or None."""
+    evals: Optional[object] = None
+    """The held-out stream, or None."""
+    skipped_in_a_row: int = 0
+    """Consecutive steps skipped for non-finite values (train.nonfinite=skip)."""
 
 
-def _resume(job: _Job):
-    """(first step already done, checkpoint path or None) after loading the newest checkpoint."""
-    from megalora.umm.checkpointing import latest_checkpoint, load_checkpoint
+def _resume(job: _Job, ckpt: Optional[str]) -> int:
+    """The last step already done, after loading ``ckpt`` (0 without one). Every file is read
+    and every setting checked, on every rank, before anything is loaded."""
+    from megalora.errors import agree
+    from megalora.umm.checkpointing import apply_checkpoint, check_resumable, read_checkpoint
 
-    ckpt = latest_checkpoint(job.run.train.out_dir) if job.run.train.resume else None
     if not ckpt:
-        return 0, None
-    state = load_checkpoint(ckpt, job.model, job.optimizer)
-    job.stream.load_state_dict(state["stream"])
-    if job.engine is not None and "pareto_loss_weights" in state.get("extra", {}):
-        saved = state["extra"]["pareto_loss_weights"]
-        if len(saved) != len(job.engine.objectives):
+        return 0
+    with agree("resume"):
+        state = read_checkpoint(ckpt)
+        check_resumable(ckpt, state, job.run.to_dict())
+        extra = state.get("extra", {})
+        if job.hydra is not None and "hydra" not in extra:
+            raise ValueError(f"{ckpt} was saved without HyDRA (hydra.enabled=false): resume it "
+                             "the same way, or start afresh with train.resume=false")
+        saved = extra.get("pareto_loss_weights")
+        if job.engine is not None and saved is not None and \
+                len(saved) != len(job.engine.objectives):
             raise ValueError(f"{ckpt}: saved with {len(saved)} Pareto objectives, this run has "
                              f"pareto.objectives={job.engine.objectives}; keep the objectives "
                              "of the run you resume, or start afresh with train.resume=false")
+        job.stream.load_state_dict(state["stream"])
+    apply_checkpoint(ckpt, state, job.model, job.optimizer)
+    if job.engine is not None and saved is not None:
         job.engine.loss_weights = saved
     if job.hydra is not None:
-        if "hydra" not in state.get("extra", {}):
-            raise ValueError(f"{ckpt} was saved without HyDRA (hydra.enabled=false): resume it "
-                             "the same way, or start afresh with train.resume=false")
-        job.hydra.load_state_dict(state["extra"]["hydra"], state["step"])
-    return state["step"], ckpt
+        job.hydra.load_state_dict(extra["hydra"], state["step"])
+    return state["step"]
+
+
+def _step(job: _Job, step: int, lr: float) -> Optional[tuple]:
+    """One optimisation step: (global loss scalars, grad norm), or None when it was skipped
+    for non-finite values."""
+    job.optimizer.zero_grad()
+    batches = [job.stream.next_batch().to(job.device)
+               for _ in range(job.run.train.num_microbatches)]
+    stats, reduced = _grad_step(job.run, job.runner, job.model, job.optimizer, job.engine,
+                                batches, step)
+    if not reduced:  # reduce first, so that the finiteness check sees the final gradients
+        job.optimizer.reduce()
+    scalars = _global_scalars(stats, job.device)
+    problem = nonfinite_problem(job.model, scalars)
+    if problem:
+        job.skipped_in_a_row += 1
+        on_nonfinite(job.run.train, step, problem, lr, job.skipped_in_a_row, job.log.message)
+        return None
+    job.skipped_in_a_row = 0
+    return scalars, job.optimizer.step(lr, reduced=True)
 
 
 def _loop(job: _Job, start: int, max_steps_this_run: int) -> dict:
     """The optimisation steps; checkpoints periodically, at the end and on preemption."""
     from megatron.core import parallel_state as ps
 
-    from megalora.umm.checkpointing import save_checkpoint
     from megalora.umm.optim import lr_at
 
     run, engine, log = job.run, job.engine, job.log
@@ -424,39 +407,57 @@ def _loop(job: _Job, start: int, max_steps_this_run: int) -> dict:
         tick = time.time()
         lr = lr_at(step - 1, lr=run.train.lr, min_lr=run.train.min_lr,
                    warmup=run.train.warmup_steps, total=run.train.steps)
-        job.optimizer.zero_grad()
-        batches = [job.stream.next_batch().to(job.device)
-                   for _ in range(run.train.num_microbatches)]
-        stats, reduced = _grad_step(run, job.runner, job.model, job.optimizer, engine, batches,
-                                    step)
-        norm = job.optimizer.step(lr, reduced=reduced)
-        scalars = _global_scalars(stats, job.device)
-        history.append(scalars)
-        if job.on_step is not None:
-            job.on_step(step, job.model, scalars)
-        if job.hydra is not None:
-            from megalora.umm.model import loss_weights
-            job.hydra.after_step(step, job.optimizer, sum(
-                w * scalars[k] for k, w in loss_weights(run).items()))
-        if engine is not None and engine.last is not None and engine.last["step"] == step:
-            pareto_history.append(engine.last)
-            log.pareto(engine.last, run)
-        log.step(step, scalars, lr, norm, tokens_per_step / max(time.time() - tick, 1e-9),
-                 run.train.log_every, engine.summary() if engine is not None else "")
-        stop = job.preempt.agreed(job.device) or bool(
-            max_steps_this_run and step - start >= max_steps_this_run)
+        done = _step(job, step, lr)
+        if done is not None:
+            scalars, norm = done
+            history.append(scalars)
+            _after_step(job, step, scalars)
+            log.step(step, scalars, lr, norm, tokens_per_step / max(time.time() - tick, 1e-9),
+                     run.train.log_every, engine.summary() if engine is not None else "")
+            if engine is not None and engine.last is not None and engine.last["step"] == step:
+                pareto_history.append(engine.last)
+        preempted = job.preempt.agreed(job.device)
+        stop = preempted or bool(max_steps_this_run and step - start >= max_steps_this_run)
         if stop or (run.train.save_every and step % run.train.save_every == 0) \
                 or step == run.train.steps:
-            extra = {"pareto_loss_weights": engine.loss_weights} if engine else {}
-            if job.hydra is not None:
-                extra["hydra"] = job.hydra.state_dict()
-            save_checkpoint(run.train.out_dir, step, job.model, job.optimizer,
-                            job.stream.state_dict(), run.to_dict(), extra=extra)
+            _save(job, step, preempted)
         if stop:
             log.message(f"stopping at step {step} (checkpoint saved); rerun to resume")
             break
     return {"losses": history, "step": step, "stopped_early": bool(stop),
             "pareto": pareto_history}
+
+
+def _after_step(job: _Job, step: int, scalars: dict) -> None:
+    """What follows an optimizer step: the caller's hook, HyDRA, Pareto's log."""
+    if job.on_step is not None:
+        job.on_step(step, job.model, scalars)
+    if job.hydra is not None:
+        from megalora.umm.model import loss_weights
+        job.hydra.after_step(step, job.optimizer, sum(
+            w * scalars[k] for k, w in loss_weights(job.run).items()))
+    if job.engine is not None and job.engine.last is not None \
+            and job.engine.last["step"] == step:
+        job.log.pareto(job.engine.last, job.run)
+
+
+def _save(job: _Job, step: int, preempted: bool) -> None:
+    """A checkpoint of ``step`` (never of inf/nan values); after a preemption, each node's local
+    rank 0 tells its launcher wrapper (``megalora.elastic``) through $MEGALORA_PREEMPT_FILE that
+    it was saved (``save_checkpoint`` returns on every rank only once all have written)."""
+    from megalora.atomic import atomic_write_bytes
+    from megalora.umm.checkpointing import save_checkpoint
+
+    check_adapter_finite(job.model, step)
+    extra = {"pareto_loss_weights": job.engine.loss_weights} if job.engine else {}
+    if job.hydra is not None:
+        extra["hydra"] = job.hydra.state_dict()
+    save_checkpoint(job.run.train.out_dir, step, job.model, job.optimizer,
+                    job.stream.state_dict(), job.run.to_dict(), extra=extra)
+    report = os.environ.get("MEGALORA_PREEMPT_FILE")
+    # each node's first process: every node's wrapper (one torchrun per node) needs the report
+    if preempted and report and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        atomic_write_bytes(report, f"{step}\n".encode())
 
 
 def _summarise(job: _Job, history: List[dict], start: int, ckpt: Optional[str]) -> None:
