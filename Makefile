@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m megalora train --config $(CONFIG) train.resume=false
 
 demo-gpt: $(STAMP)
-	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m megalora.demo --config launch/configs/gpt_tiny.yaml
+	$(BIN)/torchrun --nproc_per_node=$(NPROC) launch/examples/gpt_plugin.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -29,6 +29,7 @@ _EXPORTS = {
     "adapter_state": "megalora.checkpoint",
     "lora_parameters": "megalora.grads",
     "finalize_lora_grads": "megalora.grads",
+    "grad_of": "megalora.grads",
     "register_base_layer": "megalora.base_layers",
 }
 

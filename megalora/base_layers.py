@@ -70,8 +70,12 @@ def _ensure_registered() -> None:
         if not getattr(te_ext, "HAVE_TE", True):
             raise ImportError("megatron.core.extensions.transformer_engine has HAVE_TE=False")
     except Exception as exc:  # ImportError, or TE present but broken
-        logger.info("megalora: transformer-engine not importable (%s): TE linear support skipped; "
-                    "Megatron-core's own Column/RowParallelLinear are supported", exc)
+        # Not installed: no TE layer can exist in this process, so no layer a model holds is
+        # skipped (a verbose-run line). Installed but unusable: a broken install, said by default.
+        absent = isinstance(exc, ModuleNotFoundError) and exc.name == "transformer_engine"
+        logger.log(logging.DEBUG if absent else logging.INFO,
+                   "megalora: transformer-engine not importable (%s): TE linear support skipped; "
+                   "Megatron-core's own Column/RowParallelLinear are supported", exc)
         return
     # Order matters: TELayerNormColumnParallelLinear/TEColumn/TERow before their base TELinear.
     _REGISTRY.setdefault(te_ext.TELayerNormColumnParallelLinear, ("column", "te_ln"))

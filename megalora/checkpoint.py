@@ -42,7 +42,9 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 
 
-def _gather_full(param: torch.Tensor, spec, layout) -> torch.Tensor:
+def gather_full(param: torch.Tensor, spec, layout) -> torch.Tensor:
+    """The full (unsharded) tensor of a TP-sharded adapter factor, on the CPU: a collective
+    over the factor's TP group when it is sharded."""
     if spec.dim is None or layout.tp_size == 1:
         return param.detach().cpu().clone()
     pieces = [torch.empty_like(param) for _ in range(layout.tp_size)]
@@ -59,7 +61,7 @@ def adapter_state(model: ModelLike) -> Dict[str, torch.Tensor]:
     for layer in lora_modules(model):
         specs = factor_shardings(layer.lora_layout)
         for factor, param in layer.lora_parameters().items():
-            out[f"{layer.lora_name}.{factor}"] = _gather_full(param, specs[factor],
+            out[f"{layer.lora_name}.{factor}"] = gather_full(param, specs[factor],
                                                               layer.lora_layout)
     return out
 

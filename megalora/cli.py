@@ -9,62 +9,47 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
 def _train(args) -> int:
-    from megalora.distributed import launcher_rank
+    # Logging levels and warning filters are set once, by main() (megalora.logs).
     from megalora.errors import agree
     from megalora.umm.config import RunConfig
     from megalora.umm.train import train
 
-    # megalora's one-line notices (kernel path, TE, resume) from rank 0 only
-    logging.basicConfig(level=logging.INFO if launcher_rank() == 0 else logging.WARNING,
-                        format="%(message)s")
     with agree("config"):  # the same file on every rank: the same error, printed once
         run = RunConfig.from_yaml(args.config, args.overrides)
-    try:
-        train(run)
-    finally:
-        teardown()
+    train(run)  # it sets up and tears down the process group (megalora.umm.session)
     return 0
 
 
-def teardown() -> None:
-    """Destroy Megatron's parallel state and the default process group, if they exist."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    if ps.is_initialized():
-        ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def main(argv=None) -> int:
-    """The command line; user errors print one line (``megalora.errors``) and exit 2."""
+    """The command line; user errors print one line (``megalora.errors``) and exit 2.
+    Upstream noise is hidden unless ``--verbose`` (``megalora.logs``)."""
     from megalora.distributed import launcher_rank
-    from megalora.errors import report, verbose_requested
+    from megalora.errors import report
+    from megalora.logs import entry_point, take_verbose
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = verbose_requested(argv)
-    argv = [a for a in argv if a != "--verbose"]
-    try:
-        return _dispatch(argv)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # noqa: BLE001 - reported below, exit code from report()
-        from megalora.errors import AgreedError
+    verbose, argv = take_verbose(argv)
+    # Entered before _dispatch imports megatron, whose warnings fire once, at import.
+    with entry_point(verbose, launcher_rank()):
+        try:
+            return _dispatch(argv)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - reported below, exit code from report()
+            from megalora.errors import AgreedError
 
-        same = isinstance(exc, AgreedError)
-        return report(exc, launcher_rank(), verbose, same_on_all_ranks=same)
+            same = isinstance(exc, AgreedError)
+            return report(exc, launcher_rank(), verbose, same_on_all_ranks=same)
 
 
 def _dispatch(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="megalora", description="multimodal LoRA for Megatron",
-        epilog="--verbose (anywhere): full tracebacks for errors; MEGALORA_VERBOSE=1 the same")
+        epilog="--verbose (anywhere): full tracebacks for errors, upstream warnings and logs, "
+               "megalora's debug lines; MEGALORA_VERBOSE=1 the same")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="fine-tune the UMM with LoRA (run under torchrun/srun)")
     tr.add_argument("--config", required=True,
@@ -73,12 +58,12 @@ def _dispatch(argv) -> int:
     from megalora import launch
     from megalora.mars import cli as mars_cli
     from megalora.pareto import plot
-    from megalora.umm import hf, planner
+    from megalora.umm import hf_cli, planner
 
     launch.add_parser(sub)
     mars_cli.add_parser(sub)
     planner.add_parser(sub)
-    hf.add_parsers(sub)
+    hf_cli.add_parsers(sub)
     plot.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "train":

@@ -111,7 +111,7 @@ def finalize_lora_grads(model: ModelLike) -> int:
 def full_lora_grads(model: ModelLike) -> dict:
     """Full-size adapter gradients of this stage's layers by canonical key (collective over TP;
     for tests, logging and per-objective analysis). Missing gradients are skipped."""
-    from megalora.checkpoint import _gather_full
+    from megalora.checkpoint import gather_full
 
     out = {}
     for layer in lora_modules(model):
@@ -119,7 +119,7 @@ def full_lora_grads(model: ModelLike) -> dict:
         for factor, param in layer.lora_parameters().items():
             grad = grad_of(param)
             if grad is not None:
-                out[f"{layer.lora_name}.{factor}"] = _gather_full(grad, specs[factor],
+                out[f"{layer.lora_name}.{factor}"] = gather_full(grad, specs[factor],
                                                                   layer.lora_layout)
     return out
 

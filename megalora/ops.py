@@ -117,7 +117,11 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
     key = (requested, device.type, dtype, chosen)
     if key not in _announced:
         _announced.add(key)
-        logger.info("megalora: LoRA adapter maths runs on the %r path: %s", chosen, why)
+        # Said by default only when CUDA tensors miss the Triton kernels (a slower run than the
+        # user would expect); the expected choice, or one the user made, is a verbose-run line.
+        fallback = requested == "auto" and device.type == "cuda" and chosen != "triton"
+        logger.log(logging.INFO if fallback else logging.DEBUG,
+                   "megalora: LoRA adapter maths runs on the %r path: %s", chosen, why)
     return chosen
 
 

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from megalora import _extension
+from megalora import extension
 
 logger = logging.getLogger("megalora")
 _announced = set()
@@ -43,14 +43,14 @@ def _choose(backend: str, what: str) -> str:
     if backend not in ("auto", "ext", "torch"):
         raise ValueError(f"{what}: backend must be 'auto', 'ext' or 'torch', got {backend!r}")
     if backend == "ext":
-        _extension.require()
+        extension.require()
         return "ext"
     if backend == "auto":
-        backend = "ext" if _extension.load() is not None else "torch"
+        backend = "ext" if extension.load() is not None else "torch"
         if backend == "torch" and "fallback" not in _announced:
             _announced.add("fallback")
             logger.info("megalora: gradient reductions use the PyTorch fallback (%s)",
-                        _extension.unavailable_reason())
+                        extension.unavailable_reason())
     return backend
 
 
@@ -64,7 +64,7 @@ def gram(grads: GradLists, groups: Groups = None, num_groups: Optional[int] = No
     grads = [list(lst) for lst in grads]
     g, num_groups = _groups_tensor(groups, len(grads[0]) if grads else 0, num_groups)
     if _choose(backend, "gram") == "ext":
-        return _extension.require().gram(grads, g, num_groups)
+        return extension.require().gram(grads, g, num_groups)
     return _gram_torch(grads, g, num_groups)
 
 
@@ -85,7 +85,7 @@ def combine(grads: GradLists, weights: torch.Tensor, groups: Groups = None,
         out = [torch.zeros_like(t, dtype=torch.float32) for t in grads[0]]
         accumulate = False
     if _choose(backend, "combine") == "ext":
-        _extension.require().combine(grads, weights, g, list(out), accumulate)
+        extension.require().combine(grads, weights, g, list(out), accumulate)
         return out
     _combine_torch(grads, weights, g, out, accumulate)
     return out

@@ -23,8 +23,8 @@ def megatron_world1():
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megalora.testing.cpu import cpu_megatron
-    from megalora.testing.dist import free_port
+    from megalora.cpu import cpu_megatron
+    from megalora.distributed import free_port
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(free_port())

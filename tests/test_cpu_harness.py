@@ -6,7 +6,7 @@ import textwrap
 
 SCRIPT = textwrap.dedent("""
     import torch
-    import megalora, megalora.testing.cpu as cpu, megalora.testing.tiny_gpt  # imports patch nothing
+    import megalora, megalora.cpu as cpu, megalora.testing.tiny_gpt  # imports patch nothing
     import megatron.core.pipeline_parallel.schedules as schedules
     import megatron.core.pipeline_parallel.p2p_communication as p2p
     import megatron.core.tensor_parallel.random as rnd

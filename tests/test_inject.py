@@ -7,8 +7,8 @@ import torch
 
 import megalora
 from megalora.testing.dist import run_distributed
-from megalora.testing.tiny_gpt import (TinyGPTShape, build_tiny_gpt, causal_mask,
-                                       tiny_gpt_config)
+from megalora.testing.tiny_gpt import TinyGPTShape, build_tiny_gpt, tiny_gpt_config
+from megalora.umm.batch import causal_mask
 
 SHAPE = TinyGPTShape()
 
@@ -153,7 +153,7 @@ def test_unsupported_module_and_te_message(megatron_world1, caplog):
     import megalora.base_layers as bl
 
     bl._te_checked = False
-    with caplog.at_level(logging.INFO, logger="megalora"):
+    with caplog.at_level(logging.DEBUG, logger="megalora"):
         bl.lookup(torch.nn.Linear(2, 2))
     assert "transformer-engine not importable" in caplog.text and "TE linear support skipped" \
         in caplog.text
@@ -162,8 +162,8 @@ def test_unsupported_module_and_te_message(megatron_world1, caplog):
 def test_spec_route_equals_post_build(megatron_world1, tokens):
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from megalora.testing.cpu import cpu_gpt_block_spec
-    from megalora.testing.tiny_gpt import init_base_deterministic
+    from megalora.cpu import cpu_gpt_block_spec
+    from megalora.base_init import init_base_deterministic
 
     cfg = tiny_gpt_config(SHAPE, dtype=torch.float64)
     lcfg = megalora.LoRAConfig(rank=4, init_b="gaussian", target_modules=("linear_qkv",

@@ -89,7 +89,7 @@ def test_auto_picks_torch_on_cpu_and_says_why(caplog):
     import logging
 
     ops._announced.clear()
-    with caplog.at_level(logging.INFO, logger="megalora"):
+    with caplog.at_level(logging.DEBUG, logger="megalora"):
         name = ops.resolve_backend("auto", torch.device("cpu"), torch.float32)
     assert name == "torch"
     assert "runs on the 'torch' path: plain-PyTorch reference (cpu tensors)" in caplog.text

@@ -28,28 +28,27 @@ def _grads_worker(rank, world, run, microbatches):
     from megatron.core import parallel_state as ps
 
     from megalora.grads import full_lora_grads
-    from megalora.pareto.engine import ParetoEngine
-    from megalora.testing.cpu import cpu_megatron
+    from megalora.pareto.hook import ParetoHook
     from megalora.umm.data import DataStream
-    from megalora.umm.train import _build, _datasets, _grad_step, _optimizer, _setup
+    from megalora.umm.session import TrainingSession, parallel_session
 
-    device = _setup(run)
-    with cpu_megatron():
-        model, _ = _build(run, device)
-        optimizer, runner = _optimizer(run, model, device)
-        engine = ParetoEngine(run.pareto, model, run.model.num_layers)
-        data = _datasets(run)[0]
+    with parallel_session(run) as device:
+        session = TrainingSession.build(run, device)
+        hook = ParetoHook(run)
+        hook.setup(session)
+        data = session.stream.dataset
         stream = DataStream(data, micro_batch_size=run.train.micro_batch_size,
                             seq_length=run.data.seq_length, special=data.special, seed=0)
         batches = [stream.next_batch() for _ in range(microbatches)]
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         per_rank = microbatches // dp
         mine = batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-        optimizer.zero_grad()
-        _grad_step(run, runner, model, optimizer, engine, mine, step=1)
-        grads = {k: v.clone() for k, v in full_lora_grads(model).items()}
-        return {"gram": engine.last["gram"], "weights": engine.last["weights"],
-                "fired": engine.last["fired"], "grads": grads}
+        session.optimizer.zero_grad()
+        hook.forward_backward(1, session, mine)
+        grads = {k: v.clone() for k, v in full_lora_grads(session.model).items()}
+        last = hook.engine.last
+        return {"gram": last["gram"], "weights": last["weights"], "fired": last["fired"],
+                "grads": grads}
 
 
 def _merged(results):
@@ -109,22 +108,18 @@ def test_sum_rule_is_vanilla_lora(tmp_path, objectives):
 
 def _vanilla_worker(rank, world, run, microbatches):
     from megalora.grads import full_lora_grads
-    from megalora.testing.cpu import cpu_megatron
     from megalora.umm.data import DataStream
-    from megalora.umm.train import _build, _datasets, _grad_step, _optimizer, _setup
+    from megalora.umm.session import TrainingSession, parallel_session
 
-    device = _setup(run)
-    with cpu_megatron():
-        model, _ = _build(run, device)
-        optimizer, runner = _optimizer(run, model, device)
-        data = _datasets(run)[0]
+    with parallel_session(run) as device:
+        session = TrainingSession.build(run, device)
+        data = session.stream.dataset
         stream = DataStream(data, micro_batch_size=run.train.micro_batch_size,
                             seq_length=run.data.seq_length, special=data.special, seed=0)
-        optimizer.zero_grad()
-        _grad_step(run, runner, model, optimizer, None,
-                   [stream.next_batch() for _ in range(microbatches)], step=1)
-        optimizer.reduce()
-        return {"grads": {k: v.clone() for k, v in full_lora_grads(model).items()}}
+        session.optimizer.zero_grad()
+        session.forward_backward([stream.next_batch() for _ in range(microbatches)])
+        session.optimizer.reduce()
+        return {"grads": {k: v.clone() for k, v in full_lora_grads(session.model).items()}}
 
 
 def _train_worker(rank, world, run, max_steps=0):

@@ -10,12 +10,12 @@ import sysconfig
 import pytest
 import torch
 
-from megalora import _extension, reductions
+from megalora import extension, reductions
 from megalora.reference import combine_ref, gram_ref
 
-ext = _extension.load()
+ext = extension.load()
 needs_ext = pytest.mark.skipif(ext is None, reason=f"megalora._C not built: "
-                               f"{_extension.unavailable_reason()}")
+                               f"{extension.unavailable_reason()}")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -152,9 +152,9 @@ def test_bad_groups_weights_and_out():
 
 
 def test_fallback_when_extension_missing(monkeypatch, caplog):
-    monkeypatch.setattr(_extension, "_module", None)
-    monkeypatch.setattr(_extension, "_tried", True)
-    monkeypatch.setattr(_extension, "_error", "No module named 'megalora._C'")
+    monkeypatch.setattr(extension, "_module", None)
+    monkeypatch.setattr(extension, "_tried", True)
+    monkeypatch.setattr(extension, "_error", "No module named 'megalora._C'")
     reductions._announced.discard("fallback")
     grads = make(2, 5, seed=1)
     with caplog.at_level(logging.INFO, logger="megalora"):

@@ -69,7 +69,7 @@ def _logits(model, tokens):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megalora.testing.tiny_gpt import causal_mask
+    from megalora.umm.batch import causal_mask
 
     b, s = tokens.shape
     positions = torch.arange(s).unsqueeze(0).expand(b, s)
@@ -283,11 +283,11 @@ def test_trainer_builds_from_hf_checkpoint(megatron_world1, llama_dir, tmp_path)
     """``model.hf_checkpoint`` in a run config: the trainer's model (adapters added, B = 0)
     reproduces HF's logits on a text-only batch."""
     from megalora.umm.config import RunConfig
-    from megalora.umm.train import _build
+    from megalora.umm.session import build_model
 
     run = RunConfig.from_dict({"model": _model_cfg(2, hf_checkpoint=llama_dir),
                                "train": {"device": "cpu", "out_dir": str(tmp_path)}})
-    model, _ = _build(run, torch.device("cpu"))
+    model, _ = build_model(run, torch.device("cpu"))
     tokens = _tokens()
     import megalora
     megalora.set_head_ids(model, torch.zeros_like(tokens))

@@ -50,17 +50,15 @@ def _measure_worker(rank, world, run):
     """Build, take one optimizer step, and report what this rank allocated."""
     from megatron.core import parallel_state as ps
 
-    from megalora.testing.cpu import cpu_megatron
-    from megalora.umm.train import (_build, _datasets, _optimizer, _run_microbatches, _setup,
-                                    _streams)
+    from megalora.umm.session import (build_datasets, build_model, build_optimizer,
+                                      build_streams, forward_backward, parallel_session)
 
-    device = _setup(run)
-    with cpu_megatron():
-        model, _ = _build(run, device)
-        optimizer, runner = _optimizer(run, model, device)
-        stream, _ = _streams(run, _datasets(run)[0], None)
+    with parallel_session(run) as device:
+        model, _ = build_model(run, device)
+        optimizer, runner = build_optimizer(run, model, device)
+        stream, _ = build_streams(run, build_datasets(run)[0], None)
         optimizer.zero_grad()
-        _run_microbatches(runner, run, [stream.next_batch() for _ in range(2)])
+        forward_backward(runner, run, [stream.next_batch() for _ in range(2)])
         optimizer.step(1e-3)
         params = list(model.parameters())
         return {"stage": ps.get_pipeline_model_parallel_rank(),
@@ -111,15 +109,13 @@ def test_plan_bytes_equal_the_built_small_model(tmp_path):
 def _saved_bytes_worker(rank, world, run):
     """Bytes autograd keeps between forward and backward for one microbatch (unique storages
     of the saved tensors, frozen weights excluded)."""
-    from megalora.testing.cpu import cpu_megatron
-    from megalora.testing.tiny_gpt import causal_mask
-    from megalora.umm.train import _build, _datasets, _setup, _streams
+    from megalora.umm.batch import causal_mask
+    from megalora.umm.session import build_datasets, build_model, build_streams, parallel_session
 
-    device = _setup(run)
-    with cpu_megatron():
-        model, _ = _build(run, device)
+    with parallel_session(run) as device:
+        model, _ = build_model(run, device)
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        stream, _ = _streams(run, _datasets(run)[0], None)
+        stream, _ = build_streams(run, build_datasets(run)[0], None)
         batch = stream.next_batch()
         seen = {}
 

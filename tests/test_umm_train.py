@@ -114,7 +114,7 @@ def _step_losses(rank, world, run):
     from megatron.core import parallel_state as ps
 
     from megalora.umm.optim import loss_scalars
-    from megalora.umm.train import _datasets, _run_microbatches, _streams
+    from megalora.umm.session import build_datasets, build_streams, forward_backward
     from megalora.umm.model import build_umm
 
     p = run.parallel
@@ -122,8 +122,8 @@ def _step_losses(rank, world, run):
                                  pipeline_model_parallel_size=p.pipeline_parallel)
     model = build_umm(run)
     megalora.apply_lora(model, run.lora)
-    stream, _ = _streams(run, *_datasets(run))
-    stats = loss_scalars(_run_microbatches(model, run, [stream.next_batch()
+    stream, _ = build_streams(run, *build_datasets(run))
+    stats = loss_scalars(forward_backward(model, run, [stream.next_batch()
                                                         for _ in range(2)]))
     megalora.finalize_lora_grads(model)
     from megalora.grads import full_lora_grads
@@ -168,12 +168,12 @@ def test_impossible_configs_name_the_field(raw, message):
 
 def test_dataset_that_does_not_match_the_model(tmp_path):
     from megalora.umm.synthetic import SyntheticSpec, write_synthetic
-    from megalora.umm.train import _datasets
+    from megalora.umm.session import build_datasets
 
     write_synthetic(SyntheticSpec(num_samples=8, visual_dim=8), str(tmp_path / "data"))
     run = RunConfig.from_dict({"data": {"path": str(tmp_path / "data")}})
     with pytest.raises(ValueError, match="model.visual_dim"):
-        _datasets(run)
+        build_datasets(run)
 
 
 @pytest.mark.parametrize("layout", [{"tensor_parallel": 2, "sequence_parallel": True},

@@ -5,8 +5,18 @@ import sys
 
 
 def main(argv=None):
+    from megalora.logs import entry_point, take_verbose
+
+    verbose, argv = take_verbose(argv)
+    with entry_point(verbose):
+        return _run(argv)
+
+
+def _run(argv):
     parser = argparse.ArgumentParser(prog="python -m megalora.bench",
-                                     description="megalora microbenchmarks")
+                                     description="megalora microbenchmarks",
+                                     epilog="--verbose (anywhere): megalora's debug lines and "
+                                            "every warning; MEGALORA_VERBOSE=1 the same")
     sub = parser.add_subparsers(dest="which", required=True)
     kernels = sub.add_parser("kernels", help="fused shared-A/multi-B LoRA kernels vs the "
                              "PyTorch reference and a PEFT-style per-head loop")

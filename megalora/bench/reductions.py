@@ -97,15 +97,15 @@ def _rows(device: str, stamp: dict, repeats: int) -> List[dict]:
 def run(csv_path: Optional[str] = None, repeats: int = 5) -> int:
     import torch
 
-    from megalora import _extension
+    from megalora import extension
     from megalora.bench import default_csv, stamp, write_csv
 
-    if _extension.load() is None:
-        print(f"megalora._C is not built ({_extension.unavailable_reason()}): nothing to compare; "
+    if extension.load() is None:
+        print(f"megalora._C is not built ({extension.unavailable_reason()}): nothing to compare; "
               "build it with `pip install --no-build-isolation -e .`")
         return 1
     info = stamp()
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _extension.load().has_cuda()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and extension.load().has_cuda()
                          else [])
     if torch.cuda.is_available() and "cuda" not in devices:
         print("a GPU is present but megalora._C was built without CUDA: GPU rows skipped")

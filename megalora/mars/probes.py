@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megalora.atomic import atomic_write_bytes
+from megalora.umm.hooks import TrainerHook
 
 
 @dataclass(frozen=True)
@@ -84,20 +85,25 @@ def probe_overrides(base: dict, r_v: int, r_l: int, samples: int, steps: int, ou
 
 
 def weighted_loss(run, scalars: dict) -> float:
-    """The model's loss from its text and image parts (``megalora.umm.model.loss_weights``)."""
-    from megalora.umm.model import loss_weights
+    """The model's loss from its text and image parts
+    (``megalora.umm.model.objective_weights``)."""
+    from megalora.umm.model import objective_weights
 
-    return sum(w * scalars[name] for name, w in loss_weights(run).items())
+    return sum(w * scalars[name] for name, w in objective_weights(run).items())
 
 
-def group_of(module_name: str) -> str:
+def module_group(module_name: str) -> str:
+    """MARS's two rank groups: ``vision`` (the in-loop encoder's adapters) or ``llm``."""
     return "vision" if module_name.startswith("vision.") else "llm"
 
 
-class ContributionTracker:
-    """``on_step`` hook: every ``every`` steps, the held-out loss with all adapters, with the
-    vision group's switched off (its B factors zeroed, then restored bit for bit) and with the
-    LLM group's switched off. A group's contribution is the loss it removes."""
+class ContributionTracker(TrainerHook):
+    """A trainer hook (``megalora.umm.hooks``): every ``every`` steps, the held-out loss with
+    all adapters, with the vision group's switched off (its B factors zeroed, then restored bit
+    for bit) and with the LLM group's switched off. A group's contribution is the loss it
+    removes."""
+
+    name = "mars_contributions"
 
     def __init__(self, run, every: int, eval_sequences: int = 8):
         self.run, self.every = run, every
@@ -108,7 +114,7 @@ class ContributionTracker:
         self._evals = None
 
     def _loss(self, model) -> float:
-        from megalora.umm.train import evaluate
+        from megalora.umm.session import evaluate
 
         self._evals.load_state_dict(self._start)  # the same held-out batches every time
         return weighted_loss(self.run, evaluate(model, self.run, self._evals,
@@ -117,10 +123,10 @@ class ContributionTracker:
 
     @torch.no_grad()
     def _without(self, model, group: str) -> float:
-        from megalora.layers import LoRAMixin
+        from megalora.inject import lora_modules
 
-        saved = [(m.lora_B, m.lora_B.detach().clone()) for name, m in model.named_modules()
-                 if isinstance(m, LoRAMixin) and m._lora_ready and group_of(name) == group]
+        saved = [(m.lora_B, m.lora_B.detach().clone()) for m in lora_modules(model)
+                 if module_group(m.lora_name) == group]
         for b, _ in saved:
             b.zero_()
         try:
@@ -129,18 +135,18 @@ class ContributionTracker:
             for b, value in saved:
                 b.copy_(value)
 
-    def __call__(self, step: int, model, scalars) -> None:
+    def after_optimizer_step(self, step: int, session, scalars) -> None:
         if step % self.every and step != self.run.train.steps:
             return
         if self._evals is None:
-            from megalora.umm.train import _datasets, _streams
+            from megalora.umm.session import build_datasets, build_streams
 
-            _, self._evals = _streams(self.run, *_datasets(self.run))
+            _, self._evals = build_streams(self.run, *build_datasets(self.run))
             self._start = self._evals.state_dict()
-        full = self._loss(model)
+        full = self._loss(session.model)
         self.steps.append(step)
         for group in ("vision", "llm"):
-            self.curve[group].append(self._without(model, group) - full)
+            self.curve[group].append(self._without(session.model, group) - full)
 
 
 def convergence_step(steps: Sequence[int], contribution: Sequence[float],
@@ -177,7 +183,7 @@ def run_probe(spec: ProbeSpec, base: dict, out: str, every: int, fraction: float
     run = RunConfig.from_dict(cfg)
     tracker = ContributionTracker(run, every)
     tick = time.process_time()
-    result = train(run, on_step=tracker)
+    result = train(run, hooks=[tracker])
     ev = result["eval"]
     return {**dataclasses.asdict(spec), "loss": weighted_loss(run, ev), "text": ev["text"], "image": ev["image"],
             "t_vision": convergence_step(tracker.steps, tracker.curve["vision"], fraction),
@@ -205,12 +211,15 @@ def load_cached(out: str, spec: ProbeSpec) -> Optional[dict]:
 def _worker(specs: List[ProbeSpec], base: dict, out: str, every: int, fraction: float) -> None:
     import logging
 
-    import torch.distributed as dist
+    from megalora.distributed import init
+    from megalora.umm.session import teardown
 
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(name, None)  # a world of one, on a port of its own
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
+    # one process group for all of this worker's probes (each train() keeps a caller's group)
+    init(1, 1, device=(base.get("train") or {}).get("device", "auto"))
     try:
         for spec in specs:
             log = os.path.join(out, "runs", spec.key + ".log")  # the trainer's own output
@@ -220,11 +229,7 @@ def _worker(specs: List[ProbeSpec], base: dict, out: str, every: int, fraction: 
                 record = run_probe(spec, base, out, every, fraction)
             atomic_write_bytes(_probe_path(out, spec), json.dumps(record, indent=1).encode())
     finally:
-        from megatron.core import parallel_state as ps
-        if ps.is_initialized():
-            ps.destroy_model_parallel()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown()
 
 
 def run_probes(specs: Sequence[ProbeSpec], base: dict, out: str, *, jobs: int = 1,

@@ -2,7 +2,7 @@
 
 ``exact`` mode: for each objective k (text CE and image regression, or text split into
 ``lm`` and ``caption``: see ``OBJECTIVE_SETS``) one forward + backward through
-the whole model and pipeline with loss w_k L_k (w = the model's loss weights), the gradients
+the whole model and pipeline with loss w_k L_k (w = the model's objective weights), the gradients
 reduced as usual (data parallel, sequence-parallel partial sums) and copied to buffer k (memory:
 K copies of the adapter gradients). Dropout counters are rewound between the passes so every
 objective sees the same masks. Then per group: the distributed Gram matrix, the rule's weights
@@ -10,9 +10,13 @@ objective sees the same masks. Then per group: the distributed Gram matrix, the 
 reads (Megatron's ``main_grad`` or ``.grad``) by the C++ extension. With the ``sum`` rule this
 reproduces vanilla LoRA exactly (K times the compute).
 
-``cheap`` mode: the exact step every ``every`` steps; in between one pass whose loss weights
-are the weights the last exact step found for the whole model (the rule applied to the sum of
-the groups' Gram matrices), i.e. the cost of vanilla LoRA.
+``cheap`` mode: the exact step every ``every`` steps; in between one pass whose objective
+weights are the model's multiplied by ``multipliers``, the weights the last exact step found
+for the whole model (the rule applied to the sum of the groups' Gram matrices), i.e. the cost
+of vanilla LoRA.
+
+The trainer drives this through ``megalora.pareto.hook.ParetoHook`` (the trainer-hook
+protocol); the engine itself knows nothing of the trainer.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ class ParetoConfig:
 
     mode: str = "off"
     """``off`` (vanilla LoRA), ``exact`` (per-objective gradients every step) or ``cheap``
-    (exact every ``every`` steps, the weights reused as loss weights in between)."""
+    (exact every ``every`` steps, the weights reused as objective-weight multipliers in
+    between)."""
     rule: str = "pareto"
     """``pareto`` (MGDA on conflict, rescale on imbalance, else sum), or the baselines ``sum``,
     ``mgda``, ``pcgrad``, ``fixed``."""
@@ -121,7 +126,8 @@ class ParetoEngine:
         self.buffers = [[torch.zeros(it.param.shape, dtype=torch.float32,
                                      device=it.param.device) for it in self.items]
                         for _ in self.objectives]
-        self.loss_weights = [1.0] * len(self.objectives)
+        self.multipliers = [1.0] * len(self.objectives)
+        """Cheap mode: what multiplies each objective's model weight between exact steps."""
         self.last: Optional[dict] = None
 
     def exact_due(self, step: int) -> bool:
@@ -129,13 +135,13 @@ class ParetoEngine:
         return self.cfg.mode == "exact" or (step - 1) % self.cfg.every == 0
 
     def gradients(self, step: int, model_weights: Sequence[float], run_pass, optimizer, model):
-        """One step's gradients. ``run_pass(loss_weights)`` runs forward + backward of all
+        """One step's gradients. ``run_pass(weights)`` runs forward + backward of all
         microbatches and returns the last stage's loss stats (None elsewhere); ``optimizer``
         has ``zero_grad()`` and ``reduce()``. Returns (stats, whether reduced)."""
         from megalora.runtime import runtimes
 
         if not self.exact_due(step):
-            return run_pass([b * w for b, w in zip(model_weights, self.loss_weights)]), False
+            return run_pass([b * w for b, w in zip(model_weights, self.multipliers)]), False
         counts = [rt.forward_count for rt in runtimes(model)]
         stats = None
         for k in range(len(self.objectives)):
@@ -184,7 +190,7 @@ class ParetoEngine:
                            out=self.grads())
         whole, _ = integrate_one(gram.sum(0), self.cfg.rule, self.cfg.tau, self.cfg.restore,
                                  self.cfg.fixed_weights)
-        self.loss_weights = whole.tolist()
+        self.multipliers = whole.tolist()
         self.last = self._stats(step, gram, weights, fired)
         return self.last
 
@@ -202,7 +208,7 @@ class ParetoEngine:
         return {"step": step, "objectives": self.objectives, "groups": self.names,
                 "gram": gram.tolist(), "norms": norms.tolist(), "cos": cos_min.tolist(),
                 "ratio": ratio.tolist(), "weights": weights.tolist(), "fired": fired,
-                "loss_weights": list(self.loss_weights)}
+                "multipliers": list(self.multipliers)}
 
     def summary(self) -> str:
         """For the progress line: how often each rule fired over the groups with gradients."""
@@ -245,5 +251,6 @@ def read_history(path: str) -> List[Dict]:
 
 
 def exact_pass_weights(model_weights: Sequence[float], k: int) -> List[float]:
-    """Loss weights of objective ``k``'s own pass: its model weight, zero for the others."""
+    """Objective weights of objective ``k``'s own pass: its model weight, zero for the
+    others."""
     return [w if i == k else 0.0 for i, w in enumerate(model_weights)]

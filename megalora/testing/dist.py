@@ -10,7 +10,6 @@ failure on any rank raises in the caller with that rank's traceback.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -20,18 +19,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megalora.distributed import free_port
 
 
 def _entry(rank: int, world: int, port: int, outdir: str, fn: Callable, args: Sequence) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from megalora.testing.cpu import cpu_megatron
+    from megalora.cpu import cpu_megatron
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

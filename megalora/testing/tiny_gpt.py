@@ -12,16 +12,15 @@ makes the same ``seed`` give the same full model at TP=1, TP=2, PP=2, ...
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
 
 import torch
 
-from megalora.inject import canonical_names
 from megalora.runtime import set_head_ids
-from megalora.sharding import FactorSharding, shard
-from megalora.testing.cpu import cpu_gpt_block_spec
+from megalora.base_init import init_base_deterministic
+from megalora.cpu import cpu_gpt_block_spec
+from megalora.umm.batch import causal_mask
 
 
 @dataclass
@@ -74,35 +73,6 @@ def build_tiny_gpt(shape: TinyGPTShape, config, seed: int = 0):
     return model
 
 
-@torch.no_grad()
-def init_base_deterministic(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
-    """Draw each parameter at full size from a generator keyed by its canonical name, then keep
-    this rank's TP slice (Megatron's partition dim and stride). Norm weights stay at 1."""
-    from megatron.core import parallel_state as ps
-
-    tp = ps.get_tensor_model_parallel_world_size()
-    rank = ps.get_tensor_model_parallel_rank()
-    names = canonical_names(model)
-    modules = dict(model.named_modules())
-    norms = (torch.nn.LayerNorm, torch.nn.RMSNorm)
-    for path, param in model.named_parameters():
-        module_path, leaf = path.rsplit(".", 1)
-        last = module_path.rsplit(".", 1)[-1]
-        if isinstance(modules[module_path], norms) or "norm" in last or last.startswith("ln_"):
-            continue
-        sharded = getattr(param, "tensor_model_parallel", False) and tp > 1
-        dim = getattr(param, "partition_dim", 0) if sharded else None
-        spec = FactorSharding(dim, getattr(param, "partition_stride", 1) if sharded else 1)
-        full_shape = list(param.shape)
-        if dim is not None:
-            full_shape[dim] *= tp
-        key = f"{seed}:{names[module_path]}.{leaf}"
-        gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-        scale = std if leaf == "weight" else std / 2
-        full = torch.randn(full_shape, generator=gen, dtype=torch.float64) * scale
-        param.copy_(shard(full, spec, rank, tp).to(param.dtype))
-
-
 @dataclass
 class Batch:
     tokens: torch.Tensor
@@ -113,10 +83,6 @@ class Batch:
     """[b, s] int: the B head per token (None for single-head adapters)."""
     loss_mask: Optional[torch.Tensor] = None
     """[b, s] float: which targets count."""
-
-
-def causal_mask(seq: int) -> torch.Tensor:
-    return torch.tril(torch.ones(seq, seq)).bool().logical_not()[None, None]
 
 
 def _forward_step(data_iterator, model):

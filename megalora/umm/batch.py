@@ -82,3 +82,9 @@ def collate(samples: List[Dict[str, torch.Tensor]], seq_length: int,
     return UMMBatch(tokens=tokens, modality=modality, text_labels=labels, text_loss_mask=text_mask,
                     image_in_mask=image_in, image_target_mask=image_target, features=feats,
                     pixels=torch.cat(pixels) if pixels else None)
+
+
+def causal_mask(seq: int) -> torch.Tensor:
+    """[1, 1, seq, seq] bool attention mask, True where a position may not attend (the
+    future), as Megatron's attention takes it."""
+    return torch.tril(torch.ones(seq, seq)).bool().logical_not()[None, None]

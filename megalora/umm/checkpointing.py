@@ -201,6 +201,21 @@ def check_resumable(path: str, state: dict, current_config: dict) -> None:
                          "megalora.load_adapter)")
 
 
+def hook_states(state: dict) -> Dict[str, dict]:
+    """The trainer hooks' saved states (hook name -> state) of a checkpoint's state.json;
+    checkpoints written before the hook protocol kept Pareto's and HyDRA's under their own
+    keys."""
+    extra = state.get("extra") or {}
+    if "hooks" in extra:
+        return dict(extra["hooks"])
+    legacy = {}
+    if "pareto_loss_weights" in extra:
+        legacy["pareto"] = {"multipliers": extra["pareto_loss_weights"]}
+    if "hydra" in extra:
+        legacy["hydra"] = extra["hydra"]
+    return legacy
+
+
 def apply_checkpoint(path: str, state: dict, model, optimizer) -> None:
     """Load what ``read_checkpoint`` read into the model and optimizer (collective)."""
     rts = runtimes(model)

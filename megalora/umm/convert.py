@@ -207,7 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    from megalora.logs import entry_point, take_verbose
+
+    verbose, argv = take_verbose(argv)  # --verbose: megalora's debug lines, every warning
+    with entry_point(verbose):
+        return _convert(build_parser().parse_args(argv))
+
+
+def _convert(args: argparse.Namespace) -> int:
     try:
         index = convert_jsonl(args.jsonl, args.out, base_vocab=args.base_vocab,
                               image_tokens=args.image_tokens, visual_dim=args.visual_dim,

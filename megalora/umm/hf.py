@@ -4,7 +4,8 @@
   sharded or not) into this rank's stage at any TP/PP layout; each rank reads only its tensors.
 - ``export_peft(model, out_dir, head)``: the adapter as PEFT LoRA for ``LlamaForCausalLM``.
 - ``export_merged(model, out_dir, head)``: ``LlamaForCausalLM`` weights with the LoRA folded in.
-- ``megalora export-peft`` / ``megalora export-merged`` (``add_parsers``).
+The ``megalora export-peft`` / ``megalora export-merged`` commands are in
+``megalora.umm.hf_cli``.
 
 Layouts and names are converted by ``megalora.umm.hf_layout``; each TP rank keeps its slice by
 the parameter's own Megatron partition dim and stride. Exports gather shards over TP and stages
@@ -22,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from megalora.atomic import atomic_write_bytes
-from megalora.config import LoRAConfig
 from megalora.sharding import FactorSharding, shard, unshard
 from megalora.umm.hf_layout import (LORA_FACTORS, check_llama_config, hf_entry, join,
                                     llama_config, merged_tensors, peft_adapter_config,
@@ -328,120 +328,3 @@ def export_merged(model, out_dir: str, head: int = 0) -> None:
         _write_json(os.path.join(out_dir, "config.json"), llama_config(m, dtype, base))
 
     _on_rank0(write)
-
-
-# ---------------------------------------------------------------------- command line
-def add_parsers(subparsers) -> None:
-    """``megalora export-peft`` and ``megalora export-merged``."""
-    for name, handler, text in (
-            ("export-peft", _cli_export_peft, "write a trained adapter as a PEFT LoRA adapter "
-                                              "for LlamaForCausalLM"),
-            ("export-merged", _cli_export_merged, "write LlamaForCausalLM weights with the "
-                                                  "adapter merged in")):
-        p = subparsers.add_parser(name, help=f"{text} (run under torchrun at the config's "
-                                             "layout; a TP=PP=1 config also runs without)")
-        p.add_argument("--config", required=True, help="run config YAML")
-        p.add_argument("--adapter", required=True,
-                       help="adapter.safetensors, or the directory holding it (train.out_dir)")
-        p.add_argument("--out", required=True, help="output directory")
-        p.add_argument("--head", type=int, default=0,
-                       help="B head of a multi-head adapter (modality routing: 0 = text)")
-        p.add_argument("overrides", nargs="*", help="section.field=value")
-        p.set_defaults(handler=handler)
-
-
-def _cli_export_peft(args) -> int:
-    return _cli_export(args, merged=False)
-
-
-def _cli_export_merged(args) -> int:
-    return _cli_export(args, merged=True)
-
-
-def _given_lora_fields(args) -> set:
-    """The ``lora`` fields the YAML or the overrides set explicitly (not defaults)."""
-    import yaml
-
-    from megalora.umm.config import resolve_config
-
-    with open(resolve_config(args.config)) as fh:
-        raw = yaml.safe_load(fh) or {}
-    given = set((raw.get("lora") or {}) if isinstance(raw, dict) else {})
-    return given | {item.partition("=")[0][len("lora."):] for item in args.overrides or []
-                    if item.startswith("lora.")}
-
-
-def export_lora_config(path: str, manifest: dict, run_lora: LoRAConfig, given) -> LoRAConfig:
-    """The LoRAConfig to export ``path`` with: the one stored in the adapter (the run config may
-    have been edited since training). A field the run config sets explicitly (``given``) to
-    another value is an error naming it; a file without a stored config (saved through DDP by an
-    older megalora) falls back to ``run_lora``, and load_adapter still checks every module's
-    rank and scale against the file."""
-    from megalora.checkpoint import ADAPTER_FIELDS, adapter_config, config_differences
-
-    stored = adapter_config(path, manifest)
-    if stored is None:
-        logger.warning("megalora: %s stores no LoRA config (an older adapter saved through a DDP "
-                       "wrapper); using the run config's lora section", path)
-        return run_lora
-    diffs = config_differences(stored, run_lora, [f for f in ADAPTER_FIELDS if f in given])
-    if diffs:
-        raise ValueError(f"adapter {path!r} was trained with other LoRA settings than the run "
-                         f"config gives (adapter vs config): lora.{'; lora.'.join(diffs)}. The "
-                         "export uses the adapter's own settings: drop these lora fields from the "
-                         "config or set them to the adapter's values")
-    return stored
-
-
-def _cli_export(args, merged: bool) -> int:
-    """Build the model at the config's layout, load base weights and adapter, export."""
-    import contextlib
-
-    import megalora
-    from megalora.checkpoint import read_manifest
-    from megalora.testing.cpu import cpu_megatron
-    from megalora.umm.config import RunConfig
-    from megalora.umm.model import build_umm
-    from megalora.umm.train import _setup
-
-    run = RunConfig.from_yaml(args.config, args.overrides)
-    adapter = args.adapter
-    if os.path.isdir(adapter):
-        adapter = os.path.join(adapter, "adapter.safetensors")
-    manifest = read_manifest(adapter)  # clear errors before any process group exists
-    lora = export_lora_config(adapter, manifest, run.lora, _given_lora_fields(args))
-    if "RANK" not in os.environ and run.parallel.tensor_parallel * \
-            run.parallel.pipeline_parallel == 1:
-        from megalora.testing.dist import free_port
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    device = _setup(run)
-    cuda = device.type == "cuda"
-    harness = contextlib.nullcontext() if cuda else cpu_megatron()
-    try:
-        with harness:
-            model = build_umm(run, dtype=torch.bfloat16 if cuda and run.train.bf16
-                              else torch.float32, cpu=not cuda)
-            if cuda:
-                model.cuda()
-            if run.model.hf_checkpoint:
-                import_llama(model, run.model.hf_checkpoint)
-            else:
-                logger.warning("megalora: model.hf_checkpoint is not set: the base is the "
-                               "random init (fine for a PEFT adapter, not for a merged model)")
-            megalora.apply_lora(model, lora)
-            megalora.load_adapter(model, adapter)
-            if merged:
-                export_merged(model, args.out, head=args.head)
-            else:
-                export_peft(model, args.out, head=args.head)
-    finally:
-        from megatron.core import parallel_state as ps
-
-        if ps.is_initialized():
-            ps.destroy_model_parallel()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if os.environ.get("RANK", "0") == "0":
-        print(f"wrote {args.out}", flush=True)
-    return 0

@@ -106,7 +106,7 @@ def _layer_spec(config, vision: bool):
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec)
         return get_gpt_layer_with_transformer_engine_spec()
-    from megalora.testing.cpu import cpu_gpt_block_spec
+    from megalora.cpu import cpu_gpt_block_spec
     if vision:
         from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
         return cpu_gpt_block_spec(config, _bidirectional(get_vit_layer_with_local_spec()))
@@ -149,7 +149,7 @@ class UMMModel(torch.nn.Module):
     def _build_vision(run: RunConfig, dtype, cpu):
         from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 
-        from megalora.testing.cpu import SequenceParallelTorchNorm
+        from megalora.cpu import SequenceParallelTorchNorm
 
         vcfg = vision_transformer_config(run, dtype, cpu)
         spec = _layer_spec(vcfg, True)
@@ -252,8 +252,12 @@ class UMMModel(torch.nn.Module):
         return total / batch.image_target_mask.sum().clamp_min(1).to(total.dtype)
 
 
-def loss_weights(run: RunConfig) -> Dict[str, float]:
-    return {"text": run.model.text_loss_weight, "image": run.model.image_loss_weight}
+def objective_weights(run: RunConfig, names=("text", "image")) -> Dict[str, float]:
+    """The weight of each objective (a key of the model's losses) in the summed loss:
+    ``model.text_loss_weight`` for text and its parts (``lm``, ``caption``),
+    ``model.image_loss_weight`` for image."""
+    return {name: run.model.image_loss_weight if name == "image" else run.model.text_loss_weight
+            for name in names}
 
 
 def build_umm(run: RunConfig, dtype: torch.dtype = torch.float32, cpu: bool = True,
@@ -262,7 +266,7 @@ def build_umm(run: RunConfig, dtype: torch.dtype = torch.float32, cpu: bool = Tr
     checkpoint, e.g. ``megalora.umm.hf.import_llama``)."""
     from megatron.core import parallel_state as ps
 
-    from megalora.testing.tiny_gpt import init_base_deterministic
+    from megalora.base_init import init_base_deterministic
 
     model = UMMModel(run, pre_process=ps.is_pipeline_first_stage(),
                      post_process=ps.is_pipeline_last_stage(), dtype=dtype, cpu=cpu)

@@ -1,5 +1,6 @@
 """The trainer's rank-0 output: a progress bar on a terminal, periodic lines in logs (torchrun,
-SLURM), TensorBoard scalars and Pareto LoRA's per-group history. Silent on other ranks."""
+SLURM) and TensorBoard scalars (the trainer's, and any hook's through ``scalars``). Silent on
+other ranks."""
 
 from __future__ import annotations
 
@@ -32,26 +33,6 @@ class ProgressLog:
                 self.writer = SummaryWriter(os.path.join(run.train.out_dir, "tensorboard"))
             except ImportError as exc:
                 logger.warning("megalora: TensorBoard logging off (%s)", exc)
-
-    def pareto(self, stats: dict, run: RunConfig) -> None:
-        """Per-group norms, cosine, ratio, weights: TensorBoard and out_dir/pareto.jsonl."""
-        if not self.rank0:
-            return
-        if run.pareto.history:
-            from megalora.pareto.engine import write_history
-            write_history(run.train.out_dir, stats)
-        if self.writer is None:
-            return
-        for g, name in enumerate(stats["groups"]):
-            if max(stats["norms"][g]) == 0:
-                continue
-            for k, obj in enumerate(stats["objectives"]):
-                self.writer.add_scalar(f"pareto/{name}/norm_{obj}", stats["norms"][g][k],
-                                       stats["step"])
-                self.writer.add_scalar(f"pareto/{name}/weight_{obj}", stats["weights"][g][k],
-                                       stats["step"])
-            self.writer.add_scalar(f"pareto/{name}/cos", stats["cos"][g], stats["step"])
-            self.writer.add_scalar(f"pareto/{name}/ratio", stats["ratio"][g], stats["step"])
 
     def step(self, step: int, scalars: dict, lr: float, norm: float, tok_s: float,
              every: int, extra: str = "") -> None:

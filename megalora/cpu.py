@@ -1,4 +1,5 @@
-"""Run real megatron-core models and schedules on CPU with gloo (tests and CPU dry runs).
+"""Run real megatron-core models and schedules on CPU with gloo: the trainer's CPU runs (the
+main job, dry runs, MARS probes, HF export without a GPU) and the tests.
 
 megatron-core assumes CUDA in a handful of places. ``cpu_megatron()`` redirects exactly those,
 only while its context is open (nothing happens at import), and restores them on exit:
