@@ -1,4 +1,4 @@
-"""Which base linears can carry an adapter, and how each one is laid out over tensor parallelism.
+"""Which base linears can carry an adapter, and how each one is split over tensor parallelism.
 
 A registry maps a base class to a *kind* (``column``, ``row``, ``duplicated``) and a *style*
 (``mcore``: Megatron-core's own layers; ``te``: Transformer Engine linears; ``te_ln``: TE's
@@ -24,8 +24,9 @@ _te_checked = False
 
 
 @dataclass(frozen=True)
-class BaseLayout:
-    """How a base linear is split over its tensor-parallel group (sizes are global)."""
+class BaseLinearSplit:
+    """How a base linear is split over its tensor-parallel group (sizes are global). An adapted
+    layer keeps it as ``lora_base_split``; ``megalora.sharding`` derives the factors' split."""
 
     kind: str
     """``column`` (weight split on out), ``row`` (split on in) or ``duplicated`` (replicated)."""
@@ -114,8 +115,8 @@ def unsupported_reason(module: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def detect(module: torch.nn.Module) -> BaseLayout:
-    """Read the TP layout off a supported base linear (raises ValueError otherwise)."""
+def detect(module: torch.nn.Module) -> BaseLinearSplit:
+    """Read the TP split off a supported base linear (raises ValueError otherwise)."""
     reason = unsupported_reason(module)
     if reason is not None:
         raise ValueError(reason)
@@ -128,7 +129,7 @@ def detect(module: torch.nn.Module) -> BaseLayout:
         in_f, out_f = module.in_features, module.out_features
     size, rank = group_size(group), group_rank(group)
     sp = bool(getattr(module, "sequence_parallel", False)) and size > 1
-    return BaseLayout(
+    return BaseLinearSplit(
         kind=kind, style=style, in_features=int(in_f), out_features=int(out_f),
         tp_group=group, tp_size=size, tp_rank=rank, sequence_parallel=sp,
         out_stride=int(getattr(module.weight, "partition_stride", 1) or 1) if kind == "column"

@@ -58,18 +58,18 @@ def _dispatch(argv) -> int:
     from megalora import launch
     from megalora.mars import cli as mars_cli
     from megalora.pareto import plot
-    from megalora.umm import hf_cli, planner
+    from megalora.umm import hf_cli, plan_cli
 
     launch.add_parser(sub)
     mars_cli.add_parser(sub)
-    planner.add_parser(sub)
+    plan_cli.add_parser(sub)
     hf_cli.add_parsers(sub)
     plot.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args)
     if args.command == "plan":
-        return planner.run(args)
+        return plan_cli.run(args)
     if args.command == "pareto-plot":
         return plot.run(args)
     if getattr(args, "handler", None) is not None:

@@ -2,7 +2,7 @@
 
 Each takes its process group explicitly, says what forward and backward do, and is the identity
 when the group has one rank. Tensors are [T, c] with T = tokens (sequence-major, so splitting
-dim 0 splits the sequence, which is Megatron's sequence-parallel layout).
+dim 0 splits the sequence, as Megatron's sequence parallelism does).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
   to know (which layer, which factor, whether it is TP-sharded). Per-objective gradient methods
   (Pareto LoRA) take their per-modality gradients here, after the data-parallel reduction and
   before ``optimizer.step``.
-- ``finalize_lora_grads(model)`` does the one TP reduction the layout needs (SUM of the partial
-  gradients of replicated factors under sequence parallelism) for training loops that do not use
-  Megatron's DDP + ``finalize_model_grads``, which already does it from the parameters'
+- ``finalize_lora_grads(model)`` does the one TP reduction the factors' split needs (SUM of the
+  partial gradients of replicated factors under sequence parallelism) for training loops that do
+  not use Megatron's DDP + ``finalize_model_grads``, which already does it from the parameters'
   ``sequence_parallel`` flag. Do not run both.
 """
 
@@ -40,16 +40,16 @@ class LoRAParam:
 
 
 def lora_parameters(model: ModelLike) -> List[LoRAParam]:
-    """All adapter parameters of ``model`` with their layout metadata, in module order."""
+    """All adapter parameters of ``model`` with their sharding metadata, in module order."""
     out = []
     for layer in lora_modules(model):
-        specs = factor_shardings(layer.lora_layout)
+        specs = factor_shardings(layer.lora_base_split)
         for factor, param in layer.lora_parameters().items():
             out.append(LoRAParam(name=f"{layer.lora_name}.{factor}", module=layer.lora_name,
                                  factor=factor, param=param,
                                  tp_sharded=specs[factor].dim is not None
-                                 and layer.lora_layout.tp_size > 1,
-                                 tp_group=layer.lora_layout.tp_group))
+                                 and layer.lora_base_split.tp_size > 1,
+                                 tp_group=layer.lora_base_split.tp_group))
     return out
 
 
@@ -111,16 +111,16 @@ def finalize_lora_grads(model: ModelLike) -> int:
 def full_lora_grads(model: ModelLike) -> dict:
     """Full-size adapter gradients of this stage's layers by canonical key (collective over TP;
     for tests, logging and per-objective analysis). Missing gradients are skipped."""
-    from megalora.checkpoint import gather_full
+    from megalora.adapter_file import gather_full
 
     out = {}
     for layer in lora_modules(model):
-        specs = factor_shardings(layer.lora_layout)
+        specs = factor_shardings(layer.lora_base_split)
         for factor, param in layer.lora_parameters().items():
             grad = grad_of(param)
             if grad is not None:
                 out[f"{layer.lora_name}.{factor}"] = gather_full(grad, specs[factor],
-                                                                  layer.lora_layout)
+                                                                  layer.lora_base_split)
     return out
 
 

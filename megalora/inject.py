@@ -231,33 +231,33 @@ def _chunk_runtime(chunk: torch.nn.Module, config: LoRAConfig) -> LoRARuntime:
 def _adapt(module, canonical: str, config: LoRAConfig, runtime: LoRARuntime) -> ModuleReport:
     if isinstance(module, LoRAMixin) and module._lora_ready:
         raise ValueError(f"{canonical} already has a LoRA adapter (apply_lora called twice?)")
-    layout = base_layers.detect(module)
+    base = base_layers.detect(module)
     settings = config.settings_for(canonical)
     if settings.routing == "modality" and getattr(getattr(module, "config", None),
                                                   "context_parallel_size", 1) > 1:
         raise ValueError(f"{canonical}: routing='modality' with context parallelism is not "
                          "supported yet (head ids follow the un-split sequence); use "
                          "context_parallel_size=1 or routing='single'/'router'")
-    _check_divisible(canonical, layout)
+    _check_divisible(canonical, base)
     module.__class__ = lora_class_for(type(module))
-    module.lora_setup(name=canonical, settings=settings, layout=layout, runtime=runtime,
+    module.lora_setup(name=canonical, settings=settings, base_split=base, runtime=runtime,
                       seed=config.seed, init_a=config.init_a, init_b=config.init_b,
                       dtype=config.dtype, backend=config.backend,
                       deterministic=config.deterministic)
-    shapes = global_shapes(layout, settings.rank, settings.num_heads)
+    shapes = global_shapes(base, settings.rank, settings.num_heads)
     used = ("lora_A", "lora_B") + (("lora_router",) if settings.routing == "router" else ())
     params = sum(int(torch.Size(shapes[f]).numel()) for f in used)
-    return ModuleReport(canonical, layout.kind, layout.in_features, layout.out_features,
+    return ModuleReport(canonical, base.kind, base.in_features, base.out_features,
                         settings.rank, settings.alpha, settings.num_heads, params)
 
 
-def _check_divisible(name: str, layout) -> None:
-    if layout.kind == "column" and layout.out_features % (layout.tp_size * layout.out_stride):
-        raise ValueError(f"{name}: out_features={layout.out_features} does not split over "
-                         f"TP={layout.tp_size} (stride {layout.out_stride})")
-    if layout.kind == "row" and layout.in_features % layout.tp_size:
-        raise ValueError(f"{name}: in_features={layout.in_features} does not split over "
-                         f"TP={layout.tp_size}")
+def _check_divisible(name: str, base) -> None:
+    if base.kind == "column" and base.out_features % (base.tp_size * base.out_stride):
+        raise ValueError(f"{name}: out_features={base.out_features} does not split over "
+                         f"TP={base.tp_size} (stride {base.out_stride})")
+    if base.kind == "row" and base.in_features % base.tp_size:
+        raise ValueError(f"{name}: in_features={base.in_features} does not split over "
+                         f"TP={base.tp_size}")
 
 
 def _global_frozen_count(model: ModelLike) -> int:
@@ -353,7 +353,7 @@ def remove_lora(model: ModelLike) -> int:
         for name in ("lora_A", "lora_B", "lora_router"):
             if name in layer._parameters:
                 del layer._parameters[name]
-        if layer.lora_layout.style == "te_ln":
+        if layer.lora_base_split.style == "te_ln":
             layer.return_layernorm_output = layer._lora_user_wants_ln
         layer.__class__ = base_class_of(layer)
     for chunk in model_chunks(model):

@@ -1,4 +1,4 @@
-"""``megalora layout``: the resolved layout of a launch, without starting training.
+"""``megalora layout``: the resolved parallel layout of a launch, without starting training.
 
 The launch scripts' ``--dry-run`` calls it with their node and process counts:
 

@@ -22,7 +22,7 @@ from typing import Dict, Optional
 import torch
 
 from megalora import comm, ops
-from megalora.base_layers import BaseLayout
+from megalora.base_layers import BaseLinearSplit
 from megalora.config import ModuleLoRASettings
 from megalora.reference import DropoutSpec, router_weights_ref
 from megalora.runtime import LayerStateTape, LoRARuntime, layer_dropout_seed
@@ -55,13 +55,14 @@ class LoRAMixin:
     _lora_ready = False
 
     # ------------------------------------------------------------------ setup
-    def lora_setup(self, *, name: str, settings: ModuleLoRASettings, layout: BaseLayout,
+    def lora_setup(self, *, name: str, settings: ModuleLoRASettings, base_split: BaseLinearSplit,
                    runtime: LoRARuntime, seed: int, init_a: str, init_b: str,
                    dtype: Optional[str], backend: str, deterministic: bool = False) -> None:
         """Create, shard and initialise the adapter parameters of this layer."""
         self.lora_name = name
         self.lora_settings = settings
-        self.lora_layout = layout
+        self.lora_base_split = base_split
+        """How the base linear is split over TP (kind, style, global sizes, TP group)."""
         self.lora_backend = backend
         self.lora_deterministic = deterministic
         self.lora_merged_head: Optional[int] = None
@@ -73,16 +74,16 @@ class LoRAMixin:
         self._lora_name_hash = zlib.crc32(name.encode())
         pdtype = _DTYPES[dtype] if dtype else self.weight.dtype
         device = self.weight.device
-        shardings = factor_shardings(layout)
+        shardings = factor_shardings(base_split)
         full = self._lora_full_init(seed, init_a, init_b)
         for factor, tensor in full.items():
-            local = shard(tensor, shardings[factor], layout.tp_rank, layout.tp_size)
+            local = shard(tensor, shardings[factor], base_split.tp_rank, base_split.tp_size)
             param = torch.nn.Parameter(local.to(device=device, dtype=pdtype))
-            set_parallel_attributes(param, shardings[factor], layout)
+            set_parallel_attributes(param, shardings[factor], base_split)
             self.register_parameter(factor, param)
         if settings.routing != "router":
             self.lora_router = None
-        if layout.style == "te_ln":
+        if base_split.style == "te_ln":
             # TE returns the (local, not gathered) LayerNorm output for the adapter to read.
             self._lora_user_wants_ln = bool(getattr(self, "return_layernorm_output", False))
             self.return_layernorm_output = True
@@ -92,7 +93,7 @@ class LoRAMixin:
     def _lora_full_init(self, seed: int, init_a: str, init_b: str) -> Dict[str, torch.Tensor]:
         """Full-size factors from a generator keyed by (seed, layer name, factor): TP-invariant."""
         s = self.lora_settings
-        shapes = global_shapes(self.lora_layout, s.rank, s.num_heads)
+        shapes = global_shapes(self.lora_base_split, s.rank, s.num_heads)
 
         def gen(factor):
             g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{self.lora_name}:{factor}".encode()))
@@ -119,7 +120,7 @@ class LoRAMixin:
             raise RuntimeError(f"{type(self).__name__} was built from a LoRA spec but its adapter "
                                "is not initialised: call megalora.apply_lora(model, config) after "
                                "building the model")
-        style = self.lora_layout.style
+        style = self.lora_base_split.style
         result = super().forward(input_, *args, **kwargs)
         out, bias, ln_out = _unpack(result, style)
         three = isinstance(result, tuple) and len(result) == 3
@@ -132,30 +133,30 @@ class LoRAMixin:
 
     def _lora_prepare(self, x: torch.Tensor):
         """(x as [T_local, d_in_local], full head ids, this rank's input head ids, dropout)."""
-        lay, s = self.lora_layout, self.lora_settings
+        base, s = self.lora_base_split, self.lora_settings
         head_ids, count = self._lora_tape.resolve(self._lora_runtime.state())
         x2 = x.reshape(-1, x.shape[-1])
-        if lay.kind == "row" and not lay.input_is_parallel:
-            x2 = comm.scatter_last_dim(x2, lay.tp_group)
+        if base.kind == "row" and not base.input_is_parallel:
+            x2 = comm.scatter_last_dim(x2, base.tp_group)
         t_local = x2.shape[0]
-        sp_in = lay.sequence_parallel and lay.kind in ("column", "duplicated")
-        t_full = t_local * lay.tp_size if sp_in else t_local
+        sp_in = base.sequence_parallel and base.kind in ("column", "duplicated")
+        t_full = t_local * base.tp_size if sp_in else t_local
         if s.routing != "modality":
             head_ids = None  # e.g. a single-head vision encoder inside a modality-routed model
         elif head_ids is not None:
-            seq_full = x.shape[0] * (lay.tp_size if sp_in else 1) if x.dim() == 3 else None
+            seq_full = x.shape[0] * (base.tp_size if sp_in else 1) if x.dim() == 3 else None
             head_ids = self._check_head_ids(head_ids, t_full, seq_full, x)
         else:
             raise RuntimeError(f"{self.lora_name}: routing='modality' needs per-token head ids; "
                                "call megalora.set_head_ids(model, ids) before the forward")
-        tok_off = lay.tp_rank * t_local if sp_in else 0
-        feat_off = lay.tp_rank * x2.shape[1] if lay.kind == "row" else 0
+        tok_off = base.tp_rank * t_local if sp_in else 0
+        feat_off = base.tp_rank * x2.shape[1] if base.kind == "row" else 0
         ids_in = head_ids[tok_off:tok_off + t_local] if head_ids is not None else None
         return x2, head_ids, ids_in, self._dropout_spec(count, tok_off, feat_off)
 
     def _lora_add(self, x: torch.Tensor, out: torch.Tensor, runtime_gather_output=None):
-        """``out`` + the adapter's contribution (this rank's base output layout)."""
-        lay, s = self.lora_layout, self.lora_settings
+        """``out`` + the adapter's contribution (shaped as this rank's base output)."""
+        base, s = self.lora_base_split, self.lora_settings
         x2, head_ids, ids_in, drop = self._lora_prepare(x)
         modality = s.routing == "modality"
         z = ops.lora_shrink(x2, self.lora_A, drop, ids_in if modality else None,
@@ -171,19 +172,19 @@ class LoRAMixin:
         ids_out = None
         if s.routing == "modality":
             ids_out = head_ids
-            if lay.kind != "column" and lay.sequence_parallel:  # row/dup output is a seq shard
+            if base.kind != "column" and base.sequence_parallel:  # row/dup output is a seq shard
                 n = z.shape[0]
-                ids_out = head_ids[lay.tp_rank * n:(lay.tp_rank + 1) * n]
+                ids_out = head_ids[base.tp_rank * n:(base.tp_rank + 1) * n]
         weights = router_weights_ref(logits, s.router_top_k) if logits is not None else None
-        gather = lay.gather_output if runtime_gather_output is None else runtime_gather_output
-        gather = gather and lay.kind == "column"
+        gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
+        gather = gather and base.kind == "column"
         target = self._inplace_target(z, out, gather)
         y = ops.lora_expand(z, self.lora_B, s.scale, ids_out, weights, self.lora_backend,
                             self.lora_deterministic, out=target)
         if target is not None:  # added into the base output in place (fused epilogue)
             return y
         if gather:
-            y = comm.gather_last_dim(y, lay.tp_group)
+            y = comm.gather_last_dim(y, base.tp_group)
         return out + y.reshape(out.shape).to(out.dtype)
 
     def _inplace_target(self, z, out, gather) -> Optional[torch.Tensor]:
@@ -192,7 +193,7 @@ class LoRAMixin:
         output, contiguous memory."""
         # a view (e.g. a collective that returned its input as-is at TP=1) cannot be modified in
         # place under autograd
-        if gather or self.lora_layout.style != "mcore" or not out.is_contiguous() or \
+        if gather or self.lora_base_split.style != "mcore" or not out.is_contiguous() or \
                 out._is_view():
             return None
         if ops.resolve_backend(self.lora_backend, z.device, self.lora_B.dtype) != "triton":
@@ -201,13 +202,13 @@ class LoRAMixin:
 
     def _lora_exchange(self, z: torch.Tensor) -> torch.Tensor:
         """The one TP collective of the adapter (rank-r activations only)."""
-        lay = self.lora_layout
-        if lay.kind == "column":
-            return (comm.gather_seq(z, lay.tp_group) if lay.sequence_parallel
-                    else comm.copy_to_tp(z, lay.tp_group))
-        if lay.kind == "row":
-            return (comm.reduce_scatter_seq(z, lay.tp_group) if lay.sequence_parallel
-                    else comm.reduce_from_tp(z, lay.tp_group))
+        base = self.lora_base_split
+        if base.kind == "column":
+            return (comm.gather_seq(z, base.tp_group) if base.sequence_parallel
+                    else comm.copy_to_tp(z, base.tp_group))
+        if base.kind == "row":
+            return (comm.reduce_scatter_seq(z, base.tp_group) if base.sequence_parallel
+                    else comm.reduce_from_tp(z, base.tp_group))
         return z
 
     def _check_head_ids(self, head_ids, t_full: int, seq_full: Optional[int], x) -> torch.Tensor:
@@ -218,7 +219,7 @@ class LoRAMixin:
                              f"layer sees {t_full} (sequence x batch); set_head_ids expects "
                              "[batch, seq] for the same batch as the model input")
         if seq_full is not None and tuple(head_ids.shape) != (seq_full, x.shape[1]):
-            # same count, other layout: [s, b] given for [b, s] would route token (i, j) by the
+            # same count, other order: [s, b] given for [b, s] would route token (i, j) by the
             # id of another token, silently
             batch, seq = x.shape[1], seq_full
             raise ValueError(f"{self.lora_name}: head ids were given as {list(head_ids.t().shape)} "
@@ -289,7 +290,7 @@ class LoRAMixin:
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """The base layer's sharded state plus the adapter factors with their own TP split."""
-        from megalora.dist_ckpt import adapter_sharded_state_dict
+        from megalora.dist_checkpoint import adapter_sharded_state_dict
 
         base = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         return adapter_sharded_state_dict(self, base, prefix, sharded_offsets, metadata)
@@ -299,7 +300,7 @@ class LoRAMixin:
         if not self._lora_ready:
             return base + " [LoRA: not initialised]"
         s = self.lora_settings
-        return (f"{base} [LoRA {self.lora_layout.kind}: r={s.rank}, scale={s.scale:g}, "
+        return (f"{base} [LoRA {self.lora_base_split.kind}: r={s.rank}, scale={s.scale:g}, "
                 f"heads={s.num_heads}, routing={s.routing}]")
 
 

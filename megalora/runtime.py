@@ -23,7 +23,7 @@ from megalora.reference import fmix32_int
 
 try:  # megatron-core's recompute flag (set inside CheckpointFunction forward and backward)
     from megatron.core.tensor_parallel.random import is_checkpointing as _mcore_is_checkpointing
-except Exception:  # pragma: no cover - older/newer layouts
+except Exception:  # pragma: no cover - older/newer megatron-core
     def _mcore_is_checkpointing() -> bool:
         return False
 
@@ -39,7 +39,7 @@ class LoRARuntime:
         self.routing = routing
         self.head_ids: Optional[torch.Tensor] = None
         """[s, b] int64, contiguous (Megatron's activation order), or None. Kept 2-D so each
-        layer can check the layout against its input, not only the token count."""
+        layer can check the [s, b] order against its input, not only the token count."""
         self.forward_count = 0
         """Training-mode forwards of the chunk so far: each one gets fresh dropout masks."""
         self._on_device = {}  # head ids copied once per device, not once per layer
@@ -113,7 +113,7 @@ _WRAPPERS: Optional[Tuple[Tuple[type, ...], Tuple[type, ...]]] = None
 def _wrapper_types() -> Tuple[Tuple[type, ...], Tuple[type, ...]]:
     """(data-parallel wrappers, all wrappers that hold the real model in ``.module``).
 
-    Imported lazily: megatron's distributed package is heavy and may be absent in a layout."""
+    Imported lazily: megatron's distributed package is heavy and may be absent."""
     global _WRAPPERS
     if _WRAPPERS is None:
         data_parallel: List[type] = [torch.nn.parallel.DistributedDataParallel]

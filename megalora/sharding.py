@@ -1,4 +1,4 @@
-"""The comm-optimal rank-r layout of the LoRA factors, and full <-> local conversion.
+"""How the LoRA factors are split over TP (comm-optimal), and full <-> local conversion.
 
 Global shapes: A [r, in], B [K, out, r], router R [K, in].
 
@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megalora.base_layers import BaseLayout
+from megalora.base_layers import BaseLinearSplit
 
 FACTORS = ("lora_A", "lora_B", "lora_router")
 
@@ -41,25 +41,25 @@ class FactorSharding:
     """Its gradient is a per-rank partial sum when sequence parallelism is on."""
 
 
-def factor_shardings(layout: BaseLayout) -> Dict[str, FactorSharding]:
+def factor_shardings(base: BaseLinearSplit) -> Dict[str, FactorSharding]:
     """The table above, for one base layer."""
-    sp = layout.sequence_parallel
-    if layout.kind == "column":
+    sp = base.sequence_parallel
+    if base.kind == "column":
         return {"lora_A": FactorSharding(None, 1, sp),
-                "lora_B": FactorSharding(1, layout.out_stride, False),
+                "lora_B": FactorSharding(1, base.out_stride, False),
                 "lora_router": FactorSharding(None, 1, sp)}
-    if layout.kind == "row":
+    if base.kind == "row":
         return {"lora_A": FactorSharding(1, 1, False),
                 "lora_B": FactorSharding(None, 1, sp),
                 "lora_router": FactorSharding(1, 1, False)}
     return {name: FactorSharding(None, 1, sp) for name in FACTORS}
 
 
-def global_shapes(layout: BaseLayout, rank: int, num_heads: int) -> Dict[str, tuple]:
+def global_shapes(base: BaseLinearSplit, rank: int, num_heads: int) -> Dict[str, tuple]:
     """Full (unsharded) shapes of the factors of one adapted layer."""
-    return {"lora_A": (rank, layout.in_features),
-            "lora_B": (num_heads, layout.out_features, rank),
-            "lora_router": (num_heads, layout.in_features)}
+    return {"lora_A": (rank, base.in_features),
+            "lora_B": (num_heads, base.out_features, rank),
+            "lora_router": (num_heads, base.in_features)}
 
 
 def _chunk_ids(rank: int, world: int, stride: int) -> List[int]:
@@ -92,12 +92,12 @@ def unshard(pieces: List[torch.Tensor], spec: FactorSharding) -> torch.Tensor:
 
 
 def set_parallel_attributes(param: torch.nn.Parameter, spec: FactorSharding,
-                            layout: BaseLayout) -> None:
+                            base: BaseLinearSplit) -> None:
     """The attributes Megatron's DDP, finalize_model_grads, grad-norm and checkpointing read."""
-    sharded = spec.dim is not None and layout.tp_size > 1
+    sharded = spec.dim is not None and base.tp_size > 1
     param.tensor_model_parallel = sharded
     param.partition_dim = spec.dim if sharded else -1
     param.partition_stride = spec.stride if sharded else 1
     # finalize_model_grads SUMs params flagged sequence_parallel over TP when SP is on.
-    param.sequence_parallel = bool(spec.partial_grad_under_sp and layout.sequence_parallel)
+    param.sequence_parallel = bool(spec.partial_grad_under_sp and base.sequence_parallel)
     param.allreduce = True  # data-parallel all-reduce as usual (not an expert param)

@@ -112,7 +112,7 @@ def build(case: LayerCase, t: dict, tp: int, sp: bool):
     holder = torch.nn.ModuleDict({case.name: base})
     report = megalora.apply_lora(holder, lora_config(case))
     layer = holder[case.name]
-    specs = factor_shardings(layer.lora_layout)
+    specs = factor_shardings(layer.lora_base_split)
     with torch.no_grad():
         for name, param in layer.lora_parameters().items():
             param.copy_(shard(t[name], specs[name], rank, tp))
@@ -120,25 +120,25 @@ def build(case: LayerCase, t: dict, tp: int, sp: bool):
 
 
 def local_input(case, t, layer):
-    lay = layer.lora_layout
+    base = layer.lora_base_split
     x = t["x"].to(case.dtype)
-    if lay.kind == "column" and lay.sequence_parallel:
-        n = case.seq // lay.tp_size
-        x = x[lay.tp_rank * n:(lay.tp_rank + 1) * n]
-    if lay.kind == "row":
-        n = case.din // lay.tp_size
-        x = x[..., lay.tp_rank * n:(lay.tp_rank + 1) * n]
+    if base.kind == "column" and base.sequence_parallel:
+        n = case.seq // base.tp_size
+        x = x[base.tp_rank * n:(base.tp_rank + 1) * n]
+    if base.kind == "row":
+        n = case.din // base.tp_size
+        x = x[..., base.tp_rank * n:(base.tp_rank + 1) * n]
     return x.clone().contiguous()
 
 
 def local_grad_out(case, t, layer):
-    lay = layer.lora_layout
+    base = layer.lora_base_split
     dy = t["dy"].to(case.dtype)
-    if lay.kind == "column":
-        dy = shard(dy, FactorSharding(2, case.stride), lay.tp_rank, lay.tp_size)
-    elif lay.sequence_parallel:
-        n = case.seq // lay.tp_size
-        dy = dy[lay.tp_rank * n:(lay.tp_rank + 1) * n]
+    if base.kind == "column":
+        dy = shard(dy, FactorSharding(2, case.stride), base.tp_rank, base.tp_size)
+    elif base.sequence_parallel:
+        n = case.seq // base.tp_size
+        dy = dy[base.tp_rank * n:(base.tp_rank + 1) * n]
     return dy.contiguous()
 
 
@@ -160,10 +160,10 @@ def run_layer(case: LayerCase, t: dict, tp: int, sp: bool, holder=None, layer=No
         out = out + bias
     (out * local_grad_out(case, t, layer)).sum().backward()
     megalora.finalize_lora_grads(holder)
-    lay, group = layer.lora_layout, layer.lora_layout.tp_group
+    base, group = layer.lora_base_split, layer.lora_base_split.tp_group
     grads = full_lora_grads(holder)
     res = {k.rsplit(".", 1)[-1]: v.double() for k, v in grads.items()}
-    if lay.kind == "column":
+    if base.kind == "column":
         pieces = [torch.empty_like(out) for _ in range(tp)]
         if tp > 1:
             dist.all_gather(pieces, out.detach().contiguous(), group=group)

@@ -105,8 +105,8 @@ def _truncate_all(tp, sp):
         t = make_tensors(case)
         holder, layer, _ = build(case, t, tp, sp)
         sv = masking.truncate_(layer, K, seed=1)
-        lay, specs = layer.lora_layout, factor_shardings(layer.lora_layout)
-        full = {n: _full(getattr(layer, n), specs[n], lay.tp_group, tp)
+        base, specs = layer.lora_base_split, factor_shardings(layer.lora_base_split)
+        full = {n: _full(getattr(layer, n), specs[n], base.tp_group, tp)
                 for n in ("lora_A", "lora_B")}
         params_k = masking.effective_parameters(holder)
         at_k = run_layer(case, t, tp, sp, holder, layer)["out"]

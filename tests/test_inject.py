@@ -226,7 +226,7 @@ def test_apply_after_ddp_wrapping_is_refused(megatron_world1):
     assert trainable and all(hasattr(p, "main_grad") for p in trainable)
 
 
-def test_head_ids_in_seq_batch_layout_are_refused(megatron_world1, tokens):
+def test_head_ids_in_seq_batch_order_are_refused(megatron_world1, tokens):
     model = _model()
     megalora.apply_lora(model, megalora.LoRAConfig(num_heads=2, routing="modality"))
     b, s = tokens.shape

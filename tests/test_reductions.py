@@ -39,7 +39,7 @@ def check_gram(got, ref, what):
         f"{what}: max err {(got.double() - ref).abs().max().item():.3e}"
 
 
-LAYOUTS = {
+GROUPINGS = {
     "one-group": lambda P, g: [0] * P,
     "per-tensor": lambda P, g: list(range(P)),
     "random-with-empty": lambda P, g: [int(x) * 2 for x in torch.randint(0, 4, (P,), generator=g)],
@@ -48,10 +48,10 @@ LAYOUTS = {
 
 @needs_ext
 @pytest.mark.parametrize("K", [2, 3, 4])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_gram_matches_float64_reference(K, layout):
+@pytest.mark.parametrize("grouping", list(GROUPINGS))
+def test_gram_matches_float64_reference(K, grouping):
     grads = make(K, 23, seed=K)
-    groups = LAYOUTS[layout](23, torch.Generator().manual_seed(1))
+    groups = GROUPINGS[grouping](23, torch.Generator().manual_seed(1))
     G = max(groups) + 1
     ref = gram_ref(grads, groups, G)
     got = reductions.gram(grads, groups, backend="ext")

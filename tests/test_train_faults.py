@@ -52,7 +52,7 @@ def test_fresh_run_keeps_its_checkpoints_beside_an_earlier_longer_run(tmp_path):
     """resume=false where an earlier run left step_000006: the new run's step_000002 used to be
     pruned right after it was written (the two highest steps were kept), leaving `latest`
     pointing at nothing."""
-    from megalora.umm.checkpointing import latest_checkpoint
+    from megalora.umm.run_checkpoint import latest_checkpoint
 
     run_distributed(1, _train_or_error, (_run(tmp_path, 6),))
     earlier = _tensors(os.path.join(tmp_path, "checkpoints", "step_000006",
@@ -88,7 +88,7 @@ def test_files_respect_the_umask(tmp_path):
 def test_nan_loss_stops_with_a_clear_error_and_saves_nothing_non_finite(tmp_path):
     """lr=1e30: the loss goes inf/nan at step 2. The run used to finish "successfully"
     and write NaN adapters into checkpoints and adapter.safetensors."""
-    from megalora.umm.checkpointing import latest_checkpoint
+    from megalora.umm.run_checkpoint import latest_checkpoint
 
     run = _run(tmp_path, 8, train={"lr": 1e30, "min_lr": 1e30, "clip_grad": 0.0})
     result = run_distributed(1, _train_or_error, (run,))[0]
@@ -224,7 +224,7 @@ def test_workers_checkpoint_and_stop_when_torchrun_is_killed(tmp_path):
     import signal
     import time
 
-    from megalora.umm.checkpointing import latest_checkpoint
+    from megalora.umm.run_checkpoint import latest_checkpoint
 
     out = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "megalora",

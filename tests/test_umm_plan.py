@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from megalora.testing.dist import run_distributed
-from megalora.umm import planner
+from megalora.umm import plan_cli
 from megalora.umm.config import RunConfig
-from megalora.umm.plan import (GB, Hardware, Layout, activation_bytes, stage_counts,
-                               state_bytes)
+from megalora.umm.plan import (GB, Hardware, ParallelLayout, activation_bytes, search,
+                               smallest_gpu_count, stage_counts, state_bytes)
 
 
 def _run(tmp, **over):
@@ -144,8 +144,8 @@ def test_activation_model_is_close_to_what_autograd_saves(tmp_path, layout):
     run = _run(tmp_path, **over)
     world = run.parallel.tensor_parallel
     saved = run_distributed(world, _saved_bytes_worker, (run,))[0]
-    lay = Layout(world, 1, 1, world > 1, False, 1)
-    kept, logits = activation_bytes(run, lay, stage_counts(run, world, 1, 0), 0, cuda=False,
+    planned = ParallelLayout(world, 1, 1, world > 1, False, 1)
+    kept, logits = activation_bytes(run, planned, stage_counts(run, world, 1, 0), 0, cuda=False,
                                     flash=False)
     model_bytes = kept + logits
     assert 0.9 < saved / model_bytes < 1.1, (saved, model_bytes)
@@ -159,9 +159,9 @@ def test_emu2_plan_fits_80gb_gpus():
     closed = 60 * (4 * h * h + 3 * h * f + 2 * h) + 2 * 32128 * h + h + 2 * 1792 * h
     assert whole.frozen == closed
     hw = Hardware()
-    gpus = planner.smallest_gpu_count(run, hw, 16)
+    gpus = smallest_gpu_count(run, hw, 16)
     assert gpus == 2
-    fits, rejected = planner.search(run, 8, hw, 64)
+    fits, rejected = search(run, 8, hw, 64)
     assert fits and all(e.peak <= hw.usable_bytes for e in fits)
     best = fits[0].layout
     assert best.gpus == 8 and best.tp in (1, 2, 4)
@@ -178,16 +178,16 @@ def test_emu2_plan_fits_80gb_gpus():
 def test_plan_recompute_sp_and_pipeline_reduce_activations():
     run = RunConfig.from_yaml("launch/configs/emu2_37b.yaml")
     counts = stage_counts(run, 2, 1, 0)
-    base = activation_bytes(run, Layout(2, 1, 1, False, False, 8), counts, 0)[0]
-    sp = activation_bytes(run, Layout(2, 1, 1, True, False, 8), counts, 0)[0]
-    rec = activation_bytes(run, Layout(2, 1, 1, True, True, 8), counts, 0)[0]
+    base = activation_bytes(run, ParallelLayout(2, 1, 1, False, False, 8), counts, 0)[0]
+    sp = activation_bytes(run, ParallelLayout(2, 1, 1, True, False, 8), counts, 0)[0]
+    rec = activation_bytes(run, ParallelLayout(2, 1, 1, True, True, 8), counts, 0)[0]
     assert rec < sp < base
 
 
 def _cli(*argv):
     p = argparse.ArgumentParser()
-    planner.add_parser(p.add_subparsers(dest="command"))
-    return planner.run(p.parse_args(["plan", *argv]))
+    plan_cli.add_parser(p.add_subparsers(dest="command"))
+    return plan_cli.run(p.parse_args(["plan", *argv]))
 
 
 def test_plan_cli_prints_layouts(capsys):
@@ -204,6 +204,6 @@ def test_plan_errors_are_clear():
         _cli("--config", "launch/configs/emu2_37b.yaml", "--gpu-memory", "1")
     run = RunConfig.from_yaml("launch/configs/emu2_37b.yaml")
     with pytest.raises(ValueError, match="no layout fits on up to 16 GPUs of 8.0 GB"):
-        planner.smallest_gpu_count(run, Hardware(gpu_memory_gb=8.0), 16, limit=16)
+        smallest_gpu_count(run, Hardware(gpu_memory_gb=8.0), 16, limit=16)
     with pytest.raises(ValueError, match="parallel.tensor_parallel=3"):
         _cli("--config", "launch/configs/emu2_37b.yaml", "parallel.tensor_parallel=3")

@@ -90,7 +90,7 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     results = run_distributed(2, _sigterm_worker, (run,))
     assert all(r["stopped_early"] for r in results)
     assert results[0]["step"] == results[1]["step"] < 10_000
-    from megalora.umm.checkpointing import latest_checkpoint
+    from megalora.umm.run_checkpoint import latest_checkpoint
     assert latest_checkpoint(str(tmp_path)).endswith(f"step_{results[0]['step']:06d}")
 
 

@@ -21,8 +21,9 @@ def _run(argv):
     kernels = sub.add_parser("kernels", help="fused shared-A/multi-B LoRA kernels vs the "
                              "PyTorch reference and a PEFT-style per-head loop")
     kernels.add_argument("--quick", action="store_true", help="d=4096, r=16, K in {1,2} only")
-    kernels.add_argument("--layout", choices=["contiguous", "interleaved"], default="contiguous",
-                         help="how modality ids are laid out over tokens")
+    kernels.add_argument("--head-ids", choices=["contiguous", "interleaved"],
+                         default="contiguous", help="the tokens' head (modality) ids: K "
+                         "contiguous spans, or interleaved (token t -> head t mod K)")
     kernels.add_argument("--csv", default=None, help="CSV path (default out/bench/...)")
     red = sub.add_parser("reductions", help="per-objective gradient Gram/combine: megalora._C "
                          "vs the torch._foreach fallback")
@@ -36,7 +37,7 @@ def _run(argv):
     if args.which == "kernels":
         from megalora.bench.kernels import run
 
-        return run(quick=args.quick, layout=args.layout, csv_path=args.csv)
+        return run(quick=args.quick, head_ids=args.head_ids, csv_path=args.csv)
     return 2
 
 

@@ -22,12 +22,13 @@ SHAPES_FULL = dict(T=8192, d=(4096, 8192), r=(16, 64, 128), K=(1, 2, 4))
 SHAPES_QUICK = dict(T=8192, d=(4096,), r=(16,), K=(1, 2))
 
 
-def _routing(T: int, K: int, layout: str, device):
+def _head_ids(T: int, K: int, order: str, device):
+    """Per-token head ids: K contiguous spans, or interleaved (token t -> head t mod K)."""
     import torch
 
     if K == 1:
         return None
-    if layout == "interleaved":
+    if order == "interleaved":
         return torch.arange(T, device=device) % K
     return (torch.arange(T, device=device) * K // T).to(torch.long)  # K contiguous spans
 
@@ -80,7 +81,7 @@ def _bytes(T, d, mode, elt=2):
     return fwd if mode == "fwd" else fwd + 3 * T * d * elt
 
 
-def _gpu_rows(shapes, layout, stamp) -> List[dict]:
+def _gpu_rows(shapes, order, stamp) -> List[dict]:
     import torch
 
     from megalora.bench import copy_bandwidth_gbs
@@ -99,13 +100,13 @@ def _gpu_rows(shapes, layout, stamp) -> List[dict]:
                 a.requires_grad_(), b.requires_grad_()
                 y_base = torch.randn(T, d, device="cuda", generator=g).bfloat16()
                 dy = torch.randn(T, d, device="cuda", generator=g).bfloat16()
-                ids = _routing(T, K, layout, "cuda")
+                ids = _head_ids(T, K, order, "cuda")
                 fns = _providers(x, a, b, ids, y_base, 2.0)
                 for mode in ("fwd", "fwd+bwd"):
                     times = {p: _time(f, mode, [x, a, b], dy) for p, f in fns.items()}
                     for provider, (med, p20, p80) in times.items():
                         gbs = _bytes(T, d, mode) / (med * 1e-3) / 1e9
-                        rows.append({**stamp, "T": T, "d": d, "r": r, "K": K, "layout": layout,
+                        rows.append({**stamp, "T": T, "d": d, "r": r, "K": K, "head_ids": order,
                                      "mode": mode, "provider": provider, "ms": round(med, 4),
                                      "ms_p20": round(p20, 4), "ms_p80": round(p80, 4),
                                      "GB/s": round(gbs, 1), "pct_hbm": round(100 * gbs / roof, 1),
@@ -156,7 +157,8 @@ def _cpu_smoke() -> int:
     return failures
 
 
-def run(quick: bool = False, layout: str = "contiguous", csv_path: Optional[str] = None) -> int:
+def run(quick: bool = False, head_ids: str = "contiguous",
+        csv_path: Optional[str] = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
@@ -170,7 +172,7 @@ def run(quick: bool = False, layout: str = "contiguous", csv_path: Optional[str]
     from megalora.bench import default_csv, stamp, write_csv
 
     info = stamp()
-    rows = _gpu_rows(SHAPES_QUICK if quick else SHAPES_FULL, layout, info)
+    rows = _gpu_rows(SHAPES_QUICK if quick else SHAPES_FULL, head_ids, info)
     _print_table(rows)
     path = write_csv(rows, csv_path or default_csv("kernels", info["gpu"]))
     print(f"wrote {path}")

@@ -75,8 +75,8 @@ def set_rank(module: LoRAMixin, k: int) -> None:
 
 def rank_cost(module: LoRAMixin) -> int:
     """Trainable parameters one rank adds to the module, on full shapes: in + K out."""
-    lay, s = module.lora_layout, module.lora_settings
-    return lay.in_features + s.num_heads * lay.out_features
+    base, s = module.lora_base_split, module.lora_settings
+    return base.in_features + s.num_heads * base.out_features
 
 
 def effective_parameters(model, pp_group=None) -> int:
@@ -123,16 +123,16 @@ def truncate_(module: LoRAMixin, k: int, seed: int = 0) -> torch.Tensor:
     r = max_rank(module)
     if not 0 <= k <= r:
         raise ValueError(f"{module.lora_name}: rank {k} is outside [0, {r}]")
-    lay = module.lora_layout
-    shardings = factor_shardings(lay)
+    base = module.lora_base_split
+    shardings = factor_shardings(base)
     mask = (module.lora_rank_mask if module.lora_rank_mask is not None
             else torch.ones(r, device=module.lora_A.device)).to(torch.float64)
     a = module.lora_A.to(torch.float64) * mask[:, None]            # [R, in_local]
     b = module.lora_B.to(torch.float64) * mask                     # [K, out_local, R]
     heads, out_local = b.shape[0], b.shape[1]
     b2 = b.reshape(heads * out_local, r)
-    rb, rb_inv = _root(_gram(b2, shardings["lora_B"].dim is not None, lay.tp_group))
-    ra, ra_inv = _root(_gram(a.t(), shardings["lora_A"].dim is not None, lay.tp_group))
+    rb, rb_inv = _root(_gram(b2, shardings["lora_B"].dim is not None, base.tp_group))
+    ra, ra_inv = _root(_gram(a.t(), shardings["lora_A"].dim is not None, base.tp_group))
     # B A = (B R_b^+) (R_b R_a^T) (R_a^+T A): orthonormal x core x orthonormal
     u, sv, vh = torch.linalg.svd(rb @ ra.t())
     root_s = sv[:k].sqrt()
@@ -156,12 +156,12 @@ def _fresh_rows(module: LoRAMixin, seed: int) -> torch.Tensor:
     name: the same full tensor on every TP layout), for the ranks that are switched off."""
     from megalora.sharding import shard
 
-    lay = module.lora_layout
+    base = module.lora_base_split
     g = torch.Generator().manual_seed(zlib.crc32(f"hydra:{seed}:{module.lora_name}".encode()))
-    bound = 1.0 / math.sqrt(lay.in_features)
-    full = torch.empty(max_rank(module), lay.in_features).uniform_(-bound, bound, generator=g)
-    return shard(full, factor_shardings(lay)["lora_A"], lay.tp_rank,
-                 lay.tp_size).to(module.lora_A.device)
+    bound = 1.0 / math.sqrt(base.in_features)
+    full = torch.empty(max_rank(module), base.in_features).uniform_(-bound, bound, generator=g)
+    return shard(full, factor_shardings(base)["lora_A"], base.tp_rank,
+                 base.tp_size).to(module.lora_A.device)
 
 
 def _masters(optimizer):

@@ -4,7 +4,7 @@ A *sample* is one sequence: ``tokens`` [L] int, ``modality`` [L] int (see ``toke
 ``features`` [n_slots, visual_dim] (one row per ``<image>`` token, in order), optionally
 ``pixels`` [n_images, C, H, W] for an in-loop vision encoder. ``collate`` pads samples to the
 sequence length and derives everything the two losses need; tensors are batch-major [b, s] like
-Megatron's token ids (the model transposes to its [s, b, h] layout).
+Megatron's token ids (the model transposes to its [s, b, h] order).
 """
 
 from __future__ import annotations

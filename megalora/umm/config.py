@@ -29,7 +29,7 @@ def _positive(section: str, obj, *names: str) -> None:
 
 @dataclass
 class UMMModelConfig:
-    """The LLaMA-style decoder and its visual connectors (Emu2's layout)."""
+    """The LLaMA-style decoder and its visual connectors (Emu2's architecture)."""
 
     num_layers: int = 4
     """Transformer layers of the decoder."""

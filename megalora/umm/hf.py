@@ -7,9 +7,9 @@
 The ``megalora export-peft`` / ``megalora export-merged`` commands are in
 ``megalora.umm.hf_cli``.
 
-Layouts and names are converted by ``megalora.umm.hf_layout``; each TP rank keeps its slice by
-the parameter's own Megatron partition dim and stride. Exports gather shards over TP and stages
-over PP; global rank 0 writes (atomically: a temporary file, then a rename).
+Names, row orders and configs are mapped by ``megalora.umm.hf_mapping``; each TP rank keeps its
+slice by the parameter's own Megatron partition dim and stride. Exports gather shards over TP and
+stages over PP; global rank 0 writes (atomically: a temporary file, then a rename).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch.distributed as dist
 
 from megalora.atomic import atomic_write_bytes
 from megalora.sharding import FactorSharding, shard, unshard
-from megalora.umm.hf_layout import (LORA_FACTORS, check_llama_config, hf_entry, join,
-                                    llama_config, merged_tensors, peft_adapter_config,
-                                    peft_tensors)
+from megalora.umm.hf_mapping import (LORA_FACTORS, check_llama_config, hf_entry, join,
+                                     llama_config, merged_tensors, peft_adapter_config,
+                                     peft_tensors)
 
 logger = logging.getLogger("megalora")
 
@@ -214,7 +214,7 @@ def _collect(model, with_base: bool) -> Optional[dict]:
     base tensors of all stages; None elsewhere. Collective over the whole world."""
     from megatron.core import parallel_state as ps
 
-    from megalora.checkpoint import adapter_state, module_manifest, stage_leader
+    from megalora.adapter_file import adapter_state, module_manifest, stage_leader
     from megalora.inject import lora_modules
 
     lora = adapter_state(model)

@@ -60,7 +60,7 @@ def export_lora_config(path: str, manifest: dict, run_lora: LoRAConfig, given) -
     another value is an error naming it; a file without a stored config (saved through DDP by an
     older megalora) falls back to ``run_lora``, and load_adapter still checks every module's
     rank and scale against the file."""
-    from megalora.checkpoint import ADAPTER_FIELDS, adapter_config, config_differences
+    from megalora.adapter_file import ADAPTER_FIELDS, adapter_config, config_differences
 
     stored = adapter_config(path, manifest)
     if stored is None:
@@ -79,7 +79,7 @@ def export_lora_config(path: str, manifest: dict, run_lora: LoRAConfig, given) -
 def _cli_export(args, merged: bool) -> int:
     """Build the model at the config's layout, load base weights and adapter, export."""
     import megalora
-    from megalora.checkpoint import read_manifest
+    from megalora.adapter_file import read_manifest
     from megalora.umm.config import RunConfig
     from megalora.umm.session import build_model, parallel_session
 

@@ -31,7 +31,7 @@ def nonfinite_problem(model, scalars: dict) -> str:
 def on_nonfinite(train, step: int, problem: str, lr: float, in_a_row: int,
                  message: Callable[[str], None]) -> None:
     """Skip the step (say so) or raise ``NonFiniteError``, per ``train`` (a TrainConfig)."""
-    from megalora.umm.checkpointing import latest_checkpoint
+    from megalora.umm.run_checkpoint import latest_checkpoint
 
     if train.nonfinite == "skip" and in_a_row <= train.max_nonfinite_skips:
         message(f"step {step}: non-finite {problem}: step skipped, no update ({in_a_row} in a "

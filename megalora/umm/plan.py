@@ -1,11 +1,13 @@
-"""The memory and communication model behind ``megalora plan``.
+"""Per-GPU memory, communication and step time of a run at a parallel layout; the layout search.
+
+The ``megalora plan`` command that prints them is ``megalora.umm.plan_cli``.
 
 Everything is per GPU, for one pipeline stage of a (TP, PP, DP) layout, in bytes.
 
 **Parameters, gradients, optimizer states** are counted exactly, tensor by tensor, as the UMM
 built by ``megalora.umm.model`` allocates them (``tests/test_umm_plan.py`` compares with built
 models): frozen base weights at the base dtype (bf16 on GPU); LoRA factors at the adapter
-dtype (LoRAConfig.dtype, default the base dtype) sharded by the comm-optimal layout of
+dtype (LoRAConfig.dtype, default the base dtype) sharded by the comm-optimal split of
 ``megalora.sharding``; gradients as Megatron's DDP keeps them (one fp32 main-grad buffer,
 ``grad_reduce_in_fp32``) or, with ``train.optimizer: torch``, ``.grad`` at the adapter dtype
 plus an fp32 copy for the masters; optimizer: Adam's two fp32 moments (8 B/param) plus an fp32
@@ -49,8 +51,8 @@ DP: one all-reduce of the fp32 adapter gradients (LoRA keeps it tiny).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Tuple
 
 from megalora.umm.config import RunConfig
 from megalora.umm.tokens import SpecialTokens, padded_vocab_size
@@ -95,8 +97,9 @@ class Hardware:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """One way to split the run over GPUs."""
+class ParallelLayout:
+    """A parallel layout of the run (TP, PP, DP sizes; SP) and how a step runs on it (recompute,
+    microbatches): one candidate of ``megalora plan``."""
 
     tp: int
     pp: int
@@ -151,16 +154,16 @@ def _linears(run: RunConfig, vision: bool) -> List[Tuple[str, str, int, int, int
 def _lora_module(run: RunConfig, path: str, kind: str, n_in: int, n_out: int, stride: int,
                  tp: int, counts: StageCounts) -> None:
     """Add the adapter of the module at canonical ``path`` (if targeted) to ``counts``."""
-    from megalora.base_layers import BaseLayout
+    from megalora.base_layers import BaseLinearSplit
     from megalora.sharding import factor_shardings, global_shapes
 
     cfg = run.lora
     if not cfg.selects(path):
         return
     s = cfg.settings_for(path)
-    layout = BaseLayout(kind, "mcore", n_in, n_out, None, tp, 0, False, stride)
-    shapes = global_shapes(layout, s.rank, s.num_heads)
-    shards = factor_shardings(layout)
+    base = BaseLinearSplit(kind, "mcore", n_in, n_out, None, tp, 0, False, stride)
+    shapes = global_shapes(base, s.rank, s.num_heads)
+    shards = factor_shardings(base)
     names = ["lora_A", "lora_B"] + (["lora_router"] if s.routing == "router" else [])
     for name in names:
         numel = 1
@@ -264,7 +267,7 @@ def state_bytes(run: RunConfig, counts: StageCounts, cuda: bool = True) -> Dict[
             "optimizer": (8 + master) * counts.lora}
 
 
-def activation_bytes(run: RunConfig, layout: Layout, counts: StageCounts, stage: int,
+def activation_bytes(run: RunConfig, layout: ParallelLayout, counts: StageCounts, stage: int,
                      cuda: bool = True, flash: bool = True) -> Tuple[float, float]:
     """(activations kept for backward on ``stage``, logits of the last stage); see module doc."""
     m, t = run.model, layout.tp
@@ -290,7 +293,7 @@ def activation_bytes(run: RunConfig, layout: Layout, counts: StageCounts, stage:
     return kept, logits
 
 
-def stage_memory(run: RunConfig, layout: Layout, stage: int, cuda: bool = True,
+def stage_memory(run: RunConfig, layout: ParallelLayout, stage: int, cuda: bool = True,
                  flash: bool = True) -> Memory:
     counts = stage_counts(run, layout.tp, layout.pp, stage)
     states = state_bytes(run, counts, cuda)
@@ -305,7 +308,7 @@ def _ring(n: int, payload: float, kind: str = "all_reduce") -> float:
     return (2.0 if kind == "all_reduce" else 1.0) * (n - 1) / n * payload
 
 
-def step_comm(run: RunConfig, layout: Layout, cuda: bool = True) -> Dict[str, float]:
+def step_comm(run: RunConfig, layout: ParallelLayout, cuda: bool = True) -> Dict[str, float]:
     """Bytes each GPU sends per optimizer step, by parallel dimension (worst stage)."""
     m = run.model
     e = dtype_bytes(run, cuda)[0]
@@ -323,7 +326,7 @@ def step_comm(run: RunConfig, layout: Layout, cuda: bool = True) -> Dict[str, fl
     return {"tp": tp, "pp": pp, "dp": dp}
 
 
-def step_time(run: RunConfig, layout: Layout, hw: Hardware, cuda: bool = True) -> float:
+def step_time(run: RunConfig, layout: ParallelLayout, hw: Hardware, cuda: bool = True) -> float:
     """Seconds per optimizer step: matmul FLOPs of a frozen-base LoRA step (forward 2N,
     input-gradient backward 2N, no base weight gradients; attention 4sh per token and layer
     forward, twice that backward; recompute repeats the forward) at ``mfu`` of peak, stretched
@@ -348,7 +351,7 @@ def step_time(run: RunConfig, layout: Layout, hw: Hardware, cuda: bool = True) -
 
 @dataclass
 class Estimate:
-    layout: Layout
+    layout: ParallelLayout
     memory: List[Memory]
     """Per stage."""
     comm: Dict[str, float]
@@ -363,7 +366,72 @@ class Estimate:
         return self.memory[self.worst_stage].total
 
 
-def estimate(run: RunConfig, layout: Layout, hw: Hardware, cuda: bool = True,
+def estimate(run: RunConfig, layout: ParallelLayout, hw: Hardware, cuda: bool = True,
              flash: bool = True) -> Estimate:
     mem = [stage_memory(run, layout, i, cuda, flash) for i in range(layout.pp)]
     return Estimate(layout, mem, step_comm(run, layout, cuda), step_time(run, layout, hw, cuda))
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check(run: RunConfig, tp: int, pp: int, dp: int, global_batch: int,
+           hw: Hardware) -> Tuple[Optional[int], Optional[str]]:
+    """(microbatches, None) when the layout is valid, else (None, the reason)."""
+    if tp > hw.gpus_per_node:
+        return None, f"TP={tp} spans nodes ({hw.gpus_per_node} GPUs per node): TP traffic " \
+                     "needs NVLink"
+    try:
+        replace(run, parallel=replace(
+            run.parallel, tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=tp > 1))
+        for stage in range(pp):
+            stage_counts(run, tp, pp, stage)
+    except ValueError as exc:
+        return None, str(exc)
+    mbs = run.train.micro_batch_size
+    if global_batch % (mbs * dp):
+        return None, f"global batch {global_batch} is not a multiple of micro-batch {mbs} x " \
+                     f"DP={dp}"
+    return global_batch // (mbs * dp), None
+
+
+def search(run: RunConfig, gpus: int, hw: Hardware, global_batch: int, cuda: bool = True,
+           flash: bool = True) -> Tuple[List[Estimate], List[Tuple[str, str]]]:
+    """(layouts that fit, fastest estimated step first; [(layout, why not)] for the rest).
+    A layout runs without recompute when that fits, else with full recompute."""
+    fits, rejected = [], []
+    for tp in _divisors(gpus):
+        for pp in _divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            name = f"TP={tp} PP={pp} DP={dp}"
+            microbatches, reason = _check(run, tp, pp, dp, global_batch, hw)
+            if reason:
+                rejected.append((name, reason))
+                continue
+            best = None
+            for recompute in (False, True):
+                layout = ParallelLayout(tp, pp, dp, tp > 1, recompute, microbatches)
+                best = estimate(run, layout, hw, cuda, flash)
+                if best.peak <= hw.usable_bytes:
+                    break
+            if best.peak <= hw.usable_bytes:
+                fits.append(best)
+            else:
+                rejected.append((name, f"needs {best.peak / GB:.1f} GB per GPU (stage "
+                                       f"{best.worst_stage}) even with full recompute; "
+                                       f"{hw.usable_bytes / GB:.1f} GB usable"))
+    fits.sort(key=lambda e: (e.seconds, e.peak))
+    return fits, rejected
+
+
+def smallest_gpu_count(run: RunConfig, hw: Hardware, global_batch: int, cuda: bool = True,
+                       flash: bool = True, limit: int = 4096) -> int:
+    """The fewest GPUs (1..gpus_per_node, then whole nodes) with a layout that fits."""
+    counts = list(range(1, hw.gpus_per_node + 1)) + \
+        list(range(2 * hw.gpus_per_node, limit + 1, hw.gpus_per_node))
+    for n in counts:
+        if search(run, n, hw, global_batch, cuda, flash)[0]:
+            return n
+    raise ValueError(f"no layout fits on up to {limit} GPUs of {hw.gpu_memory_gb} GB: lower "
+                     "data.seq_length or train.micro_batch_size, or use larger GPUs")

@@ -1,4 +1,4 @@
-"""Validation of one sample against the token layout of ``tokens.py``.
+"""Validation of one sample against the token format of ``tokens.py``.
 
 Used by the writer (every sample before it is stored), by the reader (every sample as it is read:
 shards may come from other writers) and for in-memory datasets. Errors name the sample (``where``)
@@ -16,7 +16,8 @@ from megalora.umm.tokens import IMAGE, PAD_MODALITY, TEXT, SpecialTokens
 Sample = Dict[str, torch.Tensor]
 
 
-def _check_layout(tokens, modality, special: SpecialTokens, image_tokens: int, where: str) -> int:
+def _check_image_spans(tokens, modality, special: SpecialTokens, image_tokens: int,
+                       where: str) -> int:
     """Check image spans and modality ids against the tokens; return the number of images."""
     n = tokens.numel()
     starts = (tokens == special.img_start).nonzero().flatten().tolist()
@@ -50,7 +51,7 @@ def _check_layout(tokens, modality, special: SpecialTokens, image_tokens: int, w
 
 def validate_sample(sample: Sample, special: SpecialTokens, image_tokens: int, visual_dim: int,
                     where: str) -> None:
-    """Raise ValueError (naming ``where``) unless ``sample`` follows the layout of ``tokens.py``."""
+    """Raise ValueError (naming ``where``) unless ``sample`` follows the format of ``tokens.py``."""
     tokens, modality, feats = sample.get("tokens"), sample.get("modality"), sample.get("features")
     for key, t in (("tokens", tokens), ("modality", modality), ("features", feats)):
         if not torch.is_tensor(t):
@@ -70,7 +71,7 @@ def validate_sample(sample: Sample, special: SpecialTokens, image_tokens: int, v
     if stray.numel():
         raise ValueError(f"{where}: modality id {int(stray[0])} is not one of -1 (pad), 0 (text), "
                          "1 (image)")
-    n_images = _check_layout(tokens, modality, special, image_tokens, where)
+    n_images = _check_image_spans(tokens, modality, special, image_tokens, where)
     if feats.dim() != 2 or feats.shape[1] != visual_dim or not feats.is_floating_point():
         raise ValueError(f"{where}: features must be a float [n_slots, {visual_dim}] tensor "
                          f"(model.visual_dim={visual_dim}), got {tuple(feats.shape)} {feats.dtype}")

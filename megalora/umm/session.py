@@ -245,7 +245,7 @@ class TrainingSession:
     """The training ``DataStream`` of this data-parallel rank."""
     evals: Optional[object] = None
     """The held-out ``DataStream``, or None."""
-    report: Optional[object] = None
+    lora_report: Optional[object] = None
     """``apply_lora``'s report."""
     log: Optional[object] = None
     """The rank-0 progress log (``umm.progress.ProgressLog``): message(), scalars(); set by

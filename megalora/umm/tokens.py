@@ -1,4 +1,4 @@
-"""Token ids and per-token modality ids of the interleaved image-text layout (Emu2's).
+"""Token ids and per-token modality ids of interleaved image-text sequences (Emu2's format).
 
 An image in a sequence is ``[IMG]`` + N x ``<image>`` + ``[/IMG]``. The input embedding at each
 ``<image>`` is ``project_up`` of that slot's visual feature; the hidden state at ``[IMG]`` and at

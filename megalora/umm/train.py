@@ -73,7 +73,7 @@ def train(run: RunConfig, max_steps_this_run: int = 0,
             lock, ckpt = _claim_out_dir(run)
             session = TrainingSession.build(run, device)
             if dist.get_rank() == 0:
-                print(session.report, flush=True)
+                print(session.lora_report, flush=True)
             for hook in hooks:
                 hook.setup(session)
             return _train_session(session, hooks, preempt, ckpt, max_steps_this_run)
@@ -87,7 +87,7 @@ def _claim_out_dir(run: RunConfig):
     """(rank 0's lock on out_dir or None, the checkpoint to resume or None); every rank agrees
     (see ``megalora.umm.rundir``)."""
     from megalora.errors import agree
-    from megalora.umm.checkpointing import latest_checkpoint
+    from megalora.umm.run_checkpoint import latest_checkpoint
     from megalora.umm.rundir import claim
 
     lock, ckpt = None, None
@@ -126,8 +126,8 @@ def _resume(session: TrainingSession, hooks: List[TrainerHook], ckpt: Optional[s
     """The last step already done, after loading ``ckpt`` (0 without one). Every file is read
     and every setting checked, on every rank, before anything is loaded."""
     from megalora.errors import agree
-    from megalora.umm.checkpointing import (apply_checkpoint, check_resumable, hook_states,
-                                            read_checkpoint)
+    from megalora.umm.run_checkpoint import (apply_checkpoint, check_resumable, hook_states,
+                                             read_checkpoint)
 
     if not ckpt:
         return 0
@@ -209,7 +209,7 @@ def _save(session: TrainingSession, hooks: List[TrainerHook], step: int,
     rank 0 tells its launcher wrapper (``megalora.elastic``) through $MEGALORA_PREEMPT_FILE that
     it was saved (``save_checkpoint`` returns on every rank only once all have written)."""
     from megalora.atomic import atomic_write_bytes
-    from megalora.umm.checkpointing import save_checkpoint
+    from megalora.umm.run_checkpoint import save_checkpoint
 
     check_adapter_finite(session.model, step)
     states = {h.name: s for h in hooks if (s := h.state_dict()) is not None}

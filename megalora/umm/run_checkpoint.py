@@ -1,6 +1,10 @@
-"""Trainer checkpoints: everything needed to resume exactly, written atomically.
+"""The trainer's run checkpoints: what ``megalora train`` needs to resume exactly, atomically.
 
-Layout: ``<out_dir>/checkpoints/step_000040/`` holds
+Step directories, ``latest``, and the checks before a resume. The adapter inside is an adapter
+file (``megalora.adapter_file``); Megatron's sharded dist-checkpointing of a whole model is the
+third kind of checkpoint (``megalora.dist_checkpoint``).
+
+On disk: ``<out_dir>/checkpoints/step_000040/`` holds
 - ``adapter.safetensors``: the adapter (full shapes, any layout can load it);
 - ``optim_tp{t}_pp{p}.pt``: each model-parallel rank's optimizer state (written by data-parallel
   rank 0; it must be resumed with the same TP/PP layout);
@@ -26,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megalora.atomic import atomic_write_bytes
-from megalora.checkpoint import load_adapter, read_manifest, save_adapter
+from megalora.adapter_file import load_adapter, read_manifest, save_adapter
 from megalora.errors import UsageError
 from megalora.runtime import runtimes
 

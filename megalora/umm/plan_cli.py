@@ -1,5 +1,7 @@
-"""``megalora plan``: which TP/PP/DP layouts of a run fit a GPU count, best first, and why the
-others do not. The byte and time model is ``megalora.umm.plan``.
+"""The ``megalora plan`` command: the TP/PP/DP layouts of a run that fit a GPU count, best first.
+
+It also says why the others do not. The byte and time model and the search are
+``megalora.umm.plan``.
 
     megalora plan --config launch/configs/emu2_37b.yaml                 # fewest 80 GB GPUs
     megalora plan --config launch/configs/emu2_37b.yaml --gpus 16 --gpu-memory 80
@@ -7,76 +9,10 @@ others do not. The byte and time model is ``megalora.umm.plan``.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import List, Optional, Tuple
+from typing import Optional
 
 from megalora.umm.config import RunConfig
-from megalora.umm.plan import GB, Estimate, Hardware, Layout, estimate, stage_counts
-
-
-def _divisors(n: int) -> List[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _check(run: RunConfig, tp: int, pp: int, dp: int, global_batch: int,
-           hw: Hardware) -> Tuple[Optional[int], Optional[str]]:
-    """(microbatches, None) when the layout is valid, else (None, the reason)."""
-    if tp > hw.gpus_per_node:
-        return None, f"TP={tp} spans nodes ({hw.gpus_per_node} GPUs per node): TP traffic " \
-                     "needs NVLink"
-    try:
-        dataclasses.replace(run, parallel=dataclasses.replace(
-            run.parallel, tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=tp > 1))
-        for stage in range(pp):
-            stage_counts(run, tp, pp, stage)
-    except ValueError as exc:
-        return None, str(exc)
-    mbs = run.train.micro_batch_size
-    if global_batch % (mbs * dp):
-        return None, f"global batch {global_batch} is not a multiple of micro-batch {mbs} x " \
-                     f"DP={dp}"
-    return global_batch // (mbs * dp), None
-
-
-def search(run: RunConfig, gpus: int, hw: Hardware, global_batch: int, cuda: bool = True,
-           flash: bool = True) -> Tuple[List[Estimate], List[Tuple[str, str]]]:
-    """(layouts that fit, fastest estimated step first; [(layout, why not)] for the rest).
-    A layout runs without recompute when that fits, else with full recompute."""
-    fits, rejected = [], []
-    for tp in _divisors(gpus):
-        for pp in _divisors(gpus // tp):
-            dp = gpus // (tp * pp)
-            name = f"TP={tp} PP={pp} DP={dp}"
-            microbatches, reason = _check(run, tp, pp, dp, global_batch, hw)
-            if reason:
-                rejected.append((name, reason))
-                continue
-            best = None
-            for recompute in (False, True):
-                layout = Layout(tp, pp, dp, tp > 1, recompute, microbatches)
-                best = estimate(run, layout, hw, cuda, flash)
-                if best.peak <= hw.usable_bytes:
-                    break
-            if best.peak <= hw.usable_bytes:
-                fits.append(best)
-            else:
-                rejected.append((name, f"needs {best.peak / GB:.1f} GB per GPU (stage "
-                                       f"{best.worst_stage}) even with full recompute; "
-                                       f"{hw.usable_bytes / GB:.1f} GB usable"))
-    fits.sort(key=lambda e: (e.seconds, e.peak))
-    return fits, rejected
-
-
-def smallest_gpu_count(run: RunConfig, hw: Hardware, global_batch: int, cuda: bool = True,
-                       flash: bool = True, limit: int = 4096) -> int:
-    """The fewest GPUs (1..gpus_per_node, then whole nodes) with a layout that fits."""
-    counts = list(range(1, hw.gpus_per_node + 1)) + \
-        list(range(2 * hw.gpus_per_node, limit + 1, hw.gpus_per_node))
-    for n in counts:
-        if search(run, n, hw, global_batch, cuda, flash)[0]:
-            return n
-    raise ValueError(f"no layout fits on up to {limit} GPUs of {hw.gpu_memory_gb} GB: lower "
-                     "data.seq_length or train.micro_batch_size, or use larger GPUs")
+from megalora.umm.plan import GB, Hardware, search, smallest_gpu_count, stage_counts
 
 
 def _gb(x: float) -> str:

@@ -195,7 +195,7 @@ def test_config_is_stored_when_saved_through_megatron_ddp(megatron_world1, tmp_p
     path = str(tmp_path / "adapter.safetensors")
     megalora.save_adapter(ddp, path)  # what the trainer does
     assert megalora.read_manifest(path)["lora_config"] == config.to_dict()
-    from megalora.checkpoint import adapter_config
+    from megalora.adapter_file import adapter_config
     assert adapter_config(path) == config
 
 

@@ -1,7 +1,9 @@
-"""LLaMA <-> UMM (megatron-core) parameter layouts, names and configs: pure functions, no
-torch.distributed (``megalora.umm.hf`` does the reading, gathering and writing).
+"""The LLaMA <-> UMM (megatron-core) mapping of parameter names, row orders and configs.
 
-Megatron layouts (global, before TP slicing): ``linear_qkv`` rows are per query group
+Pure functions, no torch.distributed (``megalora.umm.hf`` does the reading, gathering and
+writing).
+
+Megatron row orders (global, before TP slicing): ``linear_qkv`` rows are per query group
 [q heads of the group; k; v]; ``linear_fc1`` is [gate; up]; the vocabulary is the text
 vocabulary, 4 special tokens (initialised to the mean text row), then zero padding rows.
 """

@@ -1,10 +1,15 @@
-"""Adapter-only checkpoints: one safetensors file of full-size factors plus a manifest.
+"""Adapter files (``save_adapter`` / ``load_adapter``): the adapter alone, loadable at any TP/PP.
+
+One safetensors file of full-size factors plus a manifest. The other two kinds of checkpoint are
+Megatron's sharded dist-checkpointing of a whole model (``megalora.dist_checkpoint``) and the
+trainer's run checkpoints, an adapter file plus optimizer and data state to resume a run
+(``megalora.umm.run_checkpoint``).
 
 Factors are stored at their global shapes under canonical module names
 (``decoder.layers.3.self_attention.linear_qkv.lora_A``), gathered over TP and collected over PP
 on save, sliced on load, so an adapter saved at TP=2/PP=2 loads at TP=1/PP=1 and the reverse.
 The file's metadata holds a JSON manifest: format version, the full LoRAConfig, per-module
-layout and scale, and each tensor's global shape, dtype and CRC32 (a flipped bit is caught, not
+split and scale, and each tensor's global shape, dtype and CRC32 (a flipped bit is caught, not
 loaded). Non-finite adapters are neither saved nor loaded; a load verifies every tensor (and
 every rank's checks) before it changes the model, and refuses another LoRA scale unless asked.
 
@@ -42,13 +47,13 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 
 
-def gather_full(param: torch.Tensor, spec, layout) -> torch.Tensor:
+def gather_full(param: torch.Tensor, spec, base) -> torch.Tensor:
     """The full (unsharded) tensor of a TP-sharded adapter factor, on the CPU: a collective
     over the factor's TP group when it is sharded."""
-    if spec.dim is None or layout.tp_size == 1:
+    if spec.dim is None or base.tp_size == 1:
         return param.detach().cpu().clone()
-    pieces = [torch.empty_like(param) for _ in range(layout.tp_size)]
-    dist.all_gather(pieces, param.detach().contiguous(), group=layout.tp_group)
+    pieces = [torch.empty_like(param) for _ in range(base.tp_size)]
+    dist.all_gather(pieces, param.detach().contiguous(), group=base.tp_group)
     return unshard([p.cpu() for p in pieces], spec)
 
 
@@ -59,22 +64,23 @@ def adapter_state(model: ModelLike) -> Dict[str, torch.Tensor]:
     """
     out = {}
     for layer in lora_modules(model):
-        specs = factor_shardings(layer.lora_layout)
+        specs = factor_shardings(layer.lora_base_split)
         for factor, param in layer.lora_parameters().items():
             out[f"{layer.lora_name}.{factor}"] = gather_full(param, specs[factor],
-                                                              layer.lora_layout)
+                                                              layer.lora_base_split)
     return out
 
 
 def module_manifest(model: ModelLike) -> Dict[str, dict]:
-    """Per adapted layer of this stage: layout, rank, alpha, scale, heads and routing."""
+    """Per adapted layer of this stage: base split, rank, alpha, scale, heads and routing."""
     info = {}
     for layer in lora_modules(model):
-        s, lay = layer.lora_settings, layer.lora_layout
+        s, base = layer.lora_settings, layer.lora_base_split
         info[layer.lora_name] = {
-            "kind": lay.kind, "in_features": lay.in_features, "out_features": lay.out_features,
-            "out_stride": lay.out_stride, "rank": s.rank, "alpha": s.alpha, "scale": s.scale,
-            "num_heads": s.num_heads, "routing": s.routing, "router_top_k": s.router_top_k}
+            "kind": base.kind, "in_features": base.in_features,
+            "out_features": base.out_features, "out_stride": base.out_stride, "rank": s.rank,
+            "alpha": s.alpha, "scale": s.scale, "num_heads": s.num_heads, "routing": s.routing,
+            "router_top_k": s.router_top_k}
     return info
 
 
@@ -85,9 +91,6 @@ def stage_leader() -> bool:
     if not ps.is_initialized():
         return True
     return ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-
-
-_module_manifest, _stage_leader = module_manifest, stage_leader  # old private names
 
 
 def _layout_summary() -> Dict[str, int]:
@@ -254,7 +257,7 @@ def config_differences(stored: LoRAConfig, other: LoRAConfig,
 
 def _expected(layer) -> Dict[str, tuple]:
     s = layer.lora_settings
-    shapes = global_shapes(layer.lora_layout, s.rank, s.num_heads)
+    shapes = global_shapes(layer.lora_base_split, s.rank, s.num_heads)
     return {f"{layer.lora_name}.{f}": tuple(shapes[f]) for f in layer.lora_parameters()}
 
 
@@ -289,7 +292,7 @@ def _scale_error(path: str, manifest: dict, layers) -> Optional[str]:
         return None
     return (f"adapter {path!r} was trained at another LoRA scale than this model uses for "
             f"{len(bad)} module(s), e.g. {'; '.join(bad[:3])}. Apply LoRA with the adapter's "
-            "config (megalora.checkpoint.adapter_config(path): alpha, alpha_pattern, use_rslora) "
+            "config (megalora.adapter_config(path): alpha, alpha_pattern, use_rslora) "
             "or pass allow_scale_mismatch=True to run its factors at the model's scale")
 
 
@@ -297,7 +300,7 @@ def _model_error(path: str, model: ModelLike, layers) -> Optional[str]:
     if lora_config_of(model) is None and not layers:
         return ("load_adapter: the model has no LoRA layers; call megalora.apply_lora(model, "
                 f"config) first, e.g. with the adapter's own config: "
-                f"megalora.checkpoint.adapter_config({path!r})")
+                f"megalora.adapter_config({path!r})")
     merged = next((layer for layer in layers if layer.lora_merged_head is not None), None)
     if merged is not None:
         return (f"load_adapter: {merged.lora_name} has head {merged.lora_merged_head} merged into "
@@ -314,7 +317,7 @@ def _read_shards(path: str, manifest: dict,
     shards = {}
     with safe_open(path, framework="pt") as fh:
         for layer in layers:
-            specs, lay = factor_shardings(layer.lora_layout), layer.lora_layout
+            specs, base = factor_shardings(layer.lora_base_split), layer.lora_base_split
             for factor, param in layer.lora_parameters().items():
                 key = f"{layer.lora_name}.{factor}"
                 try:
@@ -328,7 +331,7 @@ def _read_shards(path: str, manifest: dict,
                 if not bool(torch.isfinite(full).all()):
                     return (FloatingPointError, f"adapter {path!r}: {key} holds non-finite values "
                             "(NaN/inf), saved from a diverged run; use an earlier checkpoint"), {}
-                local = shard(full, specs[factor], lay.tp_rank, lay.tp_size)
+                local = shard(full, specs[factor], base.tp_rank, base.tp_size)
                 shards[key] = local.to(device=param.device, dtype=param.dtype)
     return None, shards
 
