@@ -240,7 +240,8 @@ class LoRAConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown LoRAConfig field(s) {unknown}; valid fields: {sorted(names)}")
+            raise ValueError(f"unknown LoRAConfig field(s) {unknown}; "
+                             f"valid fields: {sorted(names)}")
         return cls(**dict(data))
 
 

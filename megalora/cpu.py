@@ -185,4 +185,5 @@ def cpu_gpt_block_spec(config, layer_spec=None, vp_stage=None, pp_rank=None):
                                pre_mlp_layernorm=SequenceParallelTorchNorm)
     spec = dataclasses.replace(spec, submodules=subs)
     num = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[spec] * num, layer_norm=SequenceParallelTorchNorm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num,
+                                      layer_norm=SequenceParallelTorchNorm)

@@ -59,7 +59,8 @@ class LoRAReport:
     """Adapter parameters held by this rank."""
 
     def __str__(self) -> str:
-        rows = [f"{'module':<48} {'kind':<10} {'in':>6} {'out':>6} {'r':>4} {'K':>2} {'params':>10}"]
+        rows = [f"{'module':<48} {'kind':<10} {'in':>6} {'out':>6} {'r':>4} {'K':>2} "
+                f"{'params':>10}"]
         for m in self.modules:
             rows.append(f"{m.name:<48} {m.kind:<10} {m.in_features:>6} {m.out_features:>6} "
                         f"{m.rank:>4} {m.num_heads:>2} {m.params:>10,}")
@@ -150,7 +151,7 @@ def apply_lora(model: ModelLike, config: LoRAConfig) -> LoRAReport:
         frozen += _freeze(chunk)
         runtime = _chunk_runtime(chunk, config)
         chunk._lora_config = config
-        for path, canonical, module in selected:
+        for _, canonical, module in selected:
             local_reports.append(_adapt(module, canonical, config, runtime))
         _maybe_fix_recompute_input_grad(chunk)
     report.local_trainable_params = sum(p.numel() for c in model_chunks(model)

@@ -96,8 +96,8 @@ class LoRAMixin:
         shapes = global_shapes(self.lora_base_split, s.rank, s.num_heads)
 
         def gen(factor):
-            g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{self.lora_name}:{factor}".encode()))
-            return g
+            key = f"{seed}:{self.lora_name}:{factor}".encode()
+            return torch.Generator().manual_seed(zlib.crc32(key))
 
         def kaiming(shape, factor):  # nn.Linear's default: kaiming_uniform(a=sqrt(5))
             bound = 1.0 / math.sqrt(shape[-1])

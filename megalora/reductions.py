@@ -3,7 +3,7 @@
 With K objectives (text loss, image loss, ...) each holding gradients for the same P tensors
 (thousands of LoRA factors), Pareto/MGDA-style methods need
 
-    gram(grads, groups)            -> G [num_groups, K, K]  (fp32),  G[g,i,j] = sum_{p in g} <g_i^p, g_j^p>
+    gram(grads, groups)  -> G [num_groups, K, K] (fp32),  G[g,i,j] = sum_{p in g} <g_i^p, g_j^p>
     combine(grads, weights, groups, out) -> out[p] = sum_k weights[group(p), k] * g_k^p
 
 Both run as one pass over all tensors in the compiled extension ``megalora._C`` (CPU always,

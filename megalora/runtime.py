@@ -68,8 +68,9 @@ class LoRARuntime:
             self._on_device.clear()
             return
         if self.routing != "modality":
-            raise ValueError(f"set_head_ids: these adapters use routing={self.routing!r}; per-token "
-                             "head ids are only read with routing='modality' (LoRAConfig.routing)")
+            raise ValueError(f"set_head_ids: these adapters use routing={self.routing!r}; "
+                             "per-token head ids are only read with routing='modality' "
+                             "(LoRAConfig.routing)")
         if head_ids.dim() != 2:
             raise ValueError(f"head ids must be [batch, seq] like the token ids, got shape "
                              f"{tuple(head_ids.shape)}")

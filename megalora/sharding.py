@@ -2,11 +2,11 @@
 
 Global shapes: A [r, in], B [K, out, r], router R [K, in].
 
-| base kind  | A                | B                          | R                | grad partial under SP |
-|------------|------------------|----------------------------|------------------|-----------------------|
-| column     | replicated       | split on out (dim 1)       | replicated       | A, R                  |
-| row        | split on in (1)  | replicated                 | split on in (1)  | B                     |
-| duplicated | replicated       | replicated                 | replicated       | all                   |
+| base kind  | A                | B                    | R                | grad partial under SP |
+|------------|------------------|----------------------|------------------|-----------------------|
+| column     | replicated       | split on out (dim 1) | replicated       | A, R                  |
+| row        | split on in (1)  | replicated           | split on in (1)  | B                     |
+| duplicated | replicated       | replicated           | replicated       | all                   |
 
 Only the rank-r activation (plus K router logits) crosses TP ranks. Under sequence parallelism a
 replicated factor sees only this rank's tokens, so its gradient is a partial sum: it carries

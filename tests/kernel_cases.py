@@ -7,7 +7,6 @@ the reference run in the kernel's dtype. ``atol`` only absorbs exact-zero cases.
 """
 
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
@@ -32,7 +31,8 @@ class KernelCase:
     @property
     def id(self):
         p = "-".join(f"{q:g}" for q in self.dropout)
-        return f"T{self.tokens}-{self.d_in}x{self.d_out}-r{self.rank}-K{self.heads}-{self.routing}-p{p}"
+        return (f"T{self.tokens}-{self.d_in}x{self.d_out}-r{self.rank}-K{self.heads}-"
+                f"{self.routing}-p{p}")
 
 
 CASES = [
@@ -73,4 +73,5 @@ def check_rule(kernel: torch.Tensor, torch_pt: torch.Tensor, ref: torch.Tensor, 
     k_err = (kernel.double() - ref).abs().max().item() if ref.numel() else 0.0
     pt_err = (torch_pt.double() - ref).abs().max().item() if ref.numel() else 0.0
     bound = 2 * pt_err + atol * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
-    assert k_err <= bound, f"{name}: kernel error {k_err:.3e} > 2 x torch error {pt_err:.3e} (+atol)"
+    assert k_err <= bound, \
+        f"{name}: kernel error {k_err:.3e} > 2 x torch error {pt_err:.3e} (+atol)"

@@ -142,3 +142,12 @@ def test_no_module_imports_a_private_name_of_another():
 
 def test_no_test_imports_a_private_name():
     assert _private_imports("tests") == []
+
+
+def test_test_files_have_unique_names():
+    """Test files are imported by their basename (pytest.ini: no __init__.py, the default import
+    mode, which the spawned workers of multi-rank tests rely on): two with the same name in
+    different folders would collide."""
+    names = [os.path.basename(path) for path in _modules("tests").values()]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
+    assert sum(n.startswith("test_") for n in names) > 30  # it does walk the subfolders

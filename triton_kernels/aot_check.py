@@ -1,4 +1,5 @@
-"""Compile every kernel variant for real GPUs without one: ``python -m megalora.triton_kernels.aot_check``.
+"""Compile every kernel variant for real GPUs without one:
+``python -m megalora.triton_kernels.aot_check``.
 
 Triton ships ptxas, so kernels can be lowered to cubin for sm_80 / sm_90 on a CPU machine. CI
 runs this so that an error only the GPU compiler sees (a layout it cannot lower, a dot shape,

@@ -13,14 +13,16 @@ def _train_worker(configs, results_dir):
     import contextlib
 
     import torch
-    import torch.distributed as dist
 
+    from megalora.distributed import init
     from megalora.umm.config import RunConfig
+    from megalora.umm.session import teardown
     from megalora.umm.train import train
 
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(name, None)
     torch.set_num_threads(1)
+    init(1, 1, device="cpu")  # one world-1 group for this worker's runs (train keeps it)
     for key, cfg in configs:
         run = RunConfig.from_dict(cfg)
         tick = time.process_time()
@@ -29,15 +31,13 @@ def _train_worker(configs, results_dir):
             out = train(run)
         ev = out["eval"]
         record = {"loss": ev["text"] + ev["image"], "text": ev["text"], "image": ev["image"],
-                  "hydra_params": out.get("hydra", {}).get("params"),
+                  "hydra_params": (out.get("hydra") or {}).get("params"),
                   "cpu_seconds": time.process_time() - tick, "steps": run.train.steps,
                   "sequences": run.train.steps * run.train.micro_batch_size
                   * run.train.num_microbatches}
         with open(os.path.join(results_dir, key + ".json"), "w") as fh:
             json.dump(record, fh)
-    from megatron.core import parallel_state as ps
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    teardown()
 
 
 def train_many(runs, results_dir, jobs):

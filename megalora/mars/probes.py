@@ -185,7 +185,8 @@ def run_probe(spec: ProbeSpec, base: dict, out: str, every: int, fraction: float
     tick = time.process_time()
     result = train(run, hooks=[tracker])
     ev = result["eval"]
-    return {**dataclasses.asdict(spec), "loss": weighted_loss(run, ev), "text": ev["text"], "image": ev["image"],
+    return {**dataclasses.asdict(spec), "loss": weighted_loss(run, ev), "text": ev["text"],
+            "image": ev["image"],
             "t_vision": convergence_step(tracker.steps, tracker.curve["vision"], fraction),
             "t_llm": convergence_step(tracker.steps, tracker.curve["llm"], fraction),
             "eval_steps": tracker.steps, "contribution": tracker.curve,

@@ -91,7 +91,8 @@ def distributed_gram(grads: Sequence[Sequence[torch.Tensor]], counted: Sequence[
     """[num_groups, K, K] float64 Gram matrices of the K gradient lists over the whole model.
 
     ``counted[p]``: whether this rank adds parameter p: sharded factors count on every TP rank
-    (each holds a slice), replicated ones on TP rank 0 only. One all-reduce (SUM) over ``mp_group`` (TP x PP)."""
+    (each holds a slice), replicated ones on TP rank 0 only. One all-reduce (SUM) over
+    ``mp_group`` (TP x PP)."""
     keep = [i for i, c in enumerate(counted) if c]
     lists = [[g[i] for i in keep] for g in grads]
     ids = [group_ids[i] for i in keep]

@@ -13,7 +13,7 @@ makes the same ``seed`` give the same full model at TP=1, TP=2, PP=2, ...
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 

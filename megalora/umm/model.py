@@ -50,7 +50,8 @@ def llm_transformer_config(run: RunConfig, dtype: torch.dtype, cpu: bool):
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         bias_activation_fusion=True, masked_softmax_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, attention_dropout=0.0, hidden_dropout=0.0,
-        tensor_model_parallel_size=p.tensor_parallel, pipeline_model_parallel_size=p.pipeline_parallel,
+        tensor_model_parallel_size=p.tensor_parallel,
+        pipeline_model_parallel_size=p.pipeline_parallel,
         sequence_parallel=p.sequence_parallel, params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16, use_cpu_initialization=cpu, **extra)
 

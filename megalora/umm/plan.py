@@ -5,7 +5,7 @@ The ``megalora plan`` command that prints them is ``megalora.umm.plan_cli``.
 Everything is per GPU, for one pipeline stage of a (TP, PP, DP) layout, in bytes.
 
 **Parameters, gradients, optimizer states** are counted exactly, tensor by tensor, as the UMM
-built by ``megalora.umm.model`` allocates them (``tests/test_umm_plan.py`` compares with built
+built by ``megalora.umm.model`` allocates them (``tests/umm/test_umm_plan.py`` compares with built
 models): frozen base weights at the base dtype (bf16 on GPU); LoRA factors at the adapter
 dtype (LoRAConfig.dtype, default the base dtype) sharded by the comm-optimal split of
 ``megalora.sharding``; gradients as Megatron's DDP keeps them (one fp32 main-grad buffer,
@@ -37,7 +37,7 @@ last stage also holds the fp32 logits of one microbatch that the vocab-parallel 
 keeps, 4 s b V / t bytes. A fixed overhead (CUDA context, NCCL buffers, workspace) and a
 fraction of headroom for allocator fragmentation are reserved (``Hardware``).
 Measured against the tensors autograd really saves (CPU, unfused attention, tiny UMM at TP=1
-and TP=2+SP; ``tests/test_umm_plan.py``): the model is 2-3 % below (it leaves out RoPE tables,
+and TP=2+SP; ``tests/umm/test_umm_plan.py``): the model is 2-3 % below (it leaves out RoPE tables,
 norm statistics and masks).
 
 **Communication** per GPU per optimizer step (bytes put on the wire by ring collectives:
