@@ -7,7 +7,7 @@ STAMP := $(VENV)/.megalora-installed
 NPROC ?= 2
 CONFIG ?= launch/configs/umm_tiny.yaml
 
-.PHONY: setup demo demo-gpt test clean
+.PHONY: setup demo demo-gpt test test-fast lint gpu-wheels gpu-check clean
 
 $(STAMP): requirements/ci.txt setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,30 @@ demo-gpt: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything not marked slow (pytest.ini), a few minutes on 2 cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# ruff, configured in ruff.toml (checks only; nothing is reformatted).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# The GPU check (docs/gpu-check.md). gpu-wheels, here (PyPI reachable): the cp312 wheels the GPU
+# image lacks (launch/gpu_wheels.txt) into .whl/ (git-ignored; carry it to the GPU machine).
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m megalora.bench.wheels .whl
+
+# On the GPU machine, from its bare image: make gpu-check OUT=folder. DRY=1: the CPU dry run
+# (CI): the wheel list resolves, every step is wired, the summary says which need a GPU.
+OUT ?= out/gpu-check
+ifeq ($(DRY),1)
+gpu-check: $(STAMP)
+	DRY=1 PYTHON=$(BIN)/python bash launch/gpu_check.sh $(OUT)
+else
+gpu-check:
+	bash launch/gpu_check.sh $(OUT)
+endif
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

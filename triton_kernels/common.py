@@ -79,17 +79,39 @@ def pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(max(1, n)))
 
 
+BLOCKS_ENV = "MEGALORA_TRITON_BLOCKS"
+"""``BMxBN`` (e.g. ``64x128``): pin the GPU tiles of the streaming passes, as chosen by the
+GPU check's tile search (``python -m megalora.bench gpu-check``); BLOCK_N is still halved where
+the fp32 tile would pass 32 KB."""
+
+
+def pinned_blocks():
+    """(BLOCK_M, BLOCK_N) from MEGALORA_TRITON_BLOCKS, or None when it is unset."""
+    value = os.environ.get(BLOCKS_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        bm, bn = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        bm = bn = 0
+    if not all(v >= 16 and v & (v - 1) == 0 for v in (bm, bn)):
+        raise ValueError(f"{BLOCKS_ENV}={value!r}: expected BMxBN with powers of two >= 16 "
+                         f"(e.g. 64x128); unset it for the defaults")
+    return bm, bn
+
+
 def block_sizes(tokens: int, features: int, wide: int = 16):
     """(BLOCK_M, BLOCK_N) for a [tokens, features] streaming pass whose programs also hold a
     [wide, BLOCK_N] fp32 tile. Small under the interpreter (every program instance is a Python
-    loop). On GPU 64 x 128, with BLOCK_N halved until that tile is <= 32 KB (untuned defaults:
-    the benchmark decides on the device)."""
+    loop). On GPU 64 x 128 unless MEGALORA_TRITON_BLOCKS pins them, with BLOCK_N halved until
+    that tile is <= 32 KB (untuned defaults: the GPU check's tile search decides on the
+    device)."""
     if interpreting():
         return 16, 32
-    bn = 128
+    bm, bn = pinned_blocks() or (64, 128)
     while wide * bn > 8192 and bn > 32:
         bn //= 2
-    return 64, bn
+    return bm, bn
 
 
 def split_count(tokens: int, block_m: int, programs: int) -> int:

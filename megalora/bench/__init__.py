@@ -28,7 +28,9 @@ def stamp() -> Dict[str, str]:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
     except Exception:
-        commit = "unknown"
+        commit = ""
+    # a copy of the tree without .git (a lent GPU machine): the caller says which commit
+    commit = commit or os.environ.get("MEGALORA_COMMIT", "") or "unknown"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "gpu": gpu, "torch": torch.__version__, "cuda": str(torch.version.cuda),

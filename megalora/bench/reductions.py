@@ -6,10 +6,17 @@ mid-size model), K = 2 and 4 objectives, 20 parameter groups; ``gram`` (the K x 
 GB/s counts the K x P gradient bytes each call must read (combine also writes P fp32). On CPU
 the reference line is the measured copy bandwidth of a large tensor; on a GPU it is the device
 copy bandwidth. Writes a CSV stamped with the machine and versions.
+
+Backends: ``ext`` (megalora._C), ``torch`` (the ``torch._foreach`` fallback) and ``flat``: the
+gradients already in one contiguous [K, P] buffer (as Megatron's DDP keeps them) and one
+matmul over it, with one weight per objective and the Gram of the whole buffer (no per-group
+split). ``flat`` is the fastest thing a user could write instead, and a lower bound: it does
+less than the grouped ops, and its buffer is built outside the timing.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import List, Optional
@@ -19,12 +26,12 @@ TOTAL_ELEMENTS = 40_000_000
 GROUPS = 20
 
 
-def _sizes(seed: int = 0) -> List[int]:
+def _sizes(seed: int = 0, total: int = TOTAL_ELEMENTS) -> List[int]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
     w = torch.exp(torch.randn(P_TENSORS, generator=g))  # log-normal spread of tensor sizes
-    sizes = (w / w.sum() * TOTAL_ELEMENTS).round().long().clamp_min(1)
+    sizes = (w / w.sum() * total).round().long().clamp_min(1)
     return sizes.tolist()
 
 
@@ -53,12 +60,22 @@ def _copy_gbs(device: str) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def _rows(device: str, stamp: dict, repeats: int) -> List[dict]:
+def _flat(grads, weights):
+    """(gram, combine) on one contiguous [K, P] buffer: one matmul each."""
+    import torch
+
+    buf = torch.stack([torch.cat(per_objective) for per_objective in grads])
+    w = weights[0].to(device=buf.device, dtype=buf.dtype)
+    out = torch.zeros(buf.shape[1], device=buf.device)
+    return {"gram": lambda: buf @ buf.t(), "combine": lambda: out.copy_(w @ buf)}
+
+
+def _rows(device: str, stamp: dict, repeats: int, total: int) -> List[dict]:
     import torch
 
     from megalora import reductions
 
-    sizes = _sizes()
+    sizes = _sizes(total=total)
     groups = [p * GROUPS // P_TENSORS for p in range(P_TENSORS)]
     roof = _copy_gbs(device)
     print(f"{stamp['gpu'] if device == 'cuda' else 'CPU'}: copy bandwidth {roof:.1f} GB/s; "
@@ -73,16 +90,21 @@ def _rows(device: str, stamp: dict, repeats: int) -> List[dict]:
             weights = torch.rand(GROUPS, K)
             out = [torch.zeros(n, device=device) for n in sizes]
             read = K * sum(sizes) * grads[0][0].element_size()
+            flat = _flat(grads, weights)
             for op in ("gram", "combine"):
                 nbytes = read + (4 * sum(sizes) if op == "combine" else 0)
                 times = {}
                 for backend in ("ext", "torch"):
+                    # partial binds this iteration's tensors now (a lambda looks them up
+                    # when it is called)
                     if op == "gram":
-                        fn = lambda b=backend: reductions.gram(grads, groups, GROUPS, backend=b)
+                        fn = functools.partial(reductions.gram, grads, groups, GROUPS,
+                                               backend=backend)
                     else:
-                        fn = lambda b=backend: reductions.combine(grads, weights, groups, out,
-                                                                  backend=b)
+                        fn = functools.partial(reductions.combine, grads, weights, groups, out,
+                                               backend=backend)
                     times[backend] = _median_ms(fn, device, repeats)
+                times["flat"] = _median_ms(flat[op], device, repeats)
                 for backend, ms in times.items():
                     gbs = nbytes / (ms * 1e-3) / 1e9
                     rows.append({**stamp, "device": device, "op": op, "K": K,
@@ -94,7 +116,8 @@ def _rows(device: str, stamp: dict, repeats: int) -> List[dict]:
     return rows
 
 
-def run(csv_path: Optional[str] = None, repeats: int = 5) -> int:
+def run(csv_path: Optional[str] = None, repeats: int = 5, total: int = TOTAL_ELEMENTS,
+        gpu_only: bool = False) -> int:
     import torch
 
     from megalora import extension
@@ -105,15 +128,15 @@ def run(csv_path: Optional[str] = None, repeats: int = 5) -> int:
               "build it with `pip install --no-build-isolation -e .`")
         return 1
     info = stamp()
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and extension.load().has_cuda()
-                         else [])
+    cuda = torch.cuda.is_available() and extension.load().has_cuda()
+    devices = (["cpu"] if not (gpu_only and cuda) else []) + (["cuda"] if cuda else [])
     if torch.cuda.is_available() and "cuda" not in devices:
         print("a GPU is present but megalora._C was built without CUDA: GPU rows skipped")
     elif not torch.cuda.is_available():
         print("no CUDA GPU here: CPU rows only (GPU figures need a GPU machine)")
     rows = []
     for device in devices:
-        rows += _rows(device, info, repeats)
+        rows += _rows(device, info, repeats, total)
     print(f"{'device':<6} {'op':<8} {'dtype':<9} {'K':>2} {'backend':<6} {'ms':>9} {'GB/s':>7} "
           f"{'%copy':>6} {'vs torch':>8}")
     for r in rows:
