@@ -7,7 +7,7 @@ STAMP := $(VENV)/.megalora-installed
 NPROC ?= 2
 CONFIG ?= launch/configs/umm_tiny.yaml
 
-.PHONY: setup demo demo-gpt test test-fast lint gpu-wheels gpu-check clean
+.PHONY: setup demo demo-gpt test test-fast lint emojicap gpu-wheels gpu-check clean
 
 $(STAMP): requirements/ci.txt setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-fast: $(STAMP)
 # ruff, configured in ruff.toml (checks only; nothing is reformatted).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# EmojiCap, real image-text data from three Debian packages (docs/emojicap.md): data/emojicap
+emojicap: $(STAMP)
+	$(BIN)/megalora emojicap --out data/emojicap
 
 # The GPU check (docs/gpu-check.md). gpu-wheels, here (PyPI reachable): the cp312 wheels the GPU
 # image lacks (launch/gpu_wheels.txt) into .whl/ (git-ignored; carry it to the GPU machine).

@@ -91,5 +91,7 @@ setup(
         "mars": ["scipy>=1.10", "matplotlib>=3.7"],
         # HyDRA (hydra.enabled): the performance model and the allocation heatmap
         "hydra": ["scikit-learn>=1.3", "matplotlib>=3.7"],
+        # documents with image files (the converter), EmojiCap and its judge
+        "images": ["pillow>=9", "scipy>=1.10"],
     },
 )

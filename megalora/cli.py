@@ -1,6 +1,6 @@
 """The ``megalora`` command: ``megalora train``, ``megalora layout``, ``megalora plan``,
 ``megalora export-peft``, ``megalora export-merged``, ``megalora pareto-plot``,
-``megalora rank-search``.
+``megalora rank-search``, ``megalora emojicap``.
 
     torchrun --nproc_per_node=2 -m megalora train --config launch/configs/umm_tiny.yaml
     megalora plan --config launch/configs/emu2_37b.yaml --gpus 16 --gpu-memory 80
@@ -58,13 +58,17 @@ def _dispatch(argv) -> int:
     from megalora import launch
     from megalora.mars import cli as mars_cli
     from megalora.pareto import plot
-    from megalora.umm import hf_cli, plan_cli
+    from megalora.umm import emojicap, emojicap_eval, hf_cli, plan_cli, pretrain
 
     launch.add_parser(sub)
     mars_cli.add_parser(sub)
     plan_cli.add_parser(sub)
     hf_cli.add_parsers(sub)
     plot.add_parser(sub)
+    emojicap.add_parser(sub)
+    emojicap_eval.add_parser(sub)
+    emojicap_eval.add_eval_parser(sub)
+    pretrain.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args)

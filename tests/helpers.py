@@ -4,6 +4,8 @@ import os
 
 import torch
 
+from megalora.umm.hooks import TrainerHook
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 """The repository root (tests/ is one level down; test files are in tests/<area>/)."""
 
@@ -132,3 +134,20 @@ def png_summary(path) -> dict:
     rgb = img[..., :3].reshape(-1, 3)
     chroma = rgb.max(axis=1) - rgb.min(axis=1)
     return {"size": (img.shape[1], img.shape[0]), "colour": float((chroma > 0.15).mean())}
+
+
+class HeldOutAtStart(TrainerHook):
+    """The untrained model's held-out losses (adapters as initialised: B = 0), on the batches
+    the trainer's final evaluation uses: the baseline that training must beat."""
+
+    name = "held_out_at_start"
+
+    def start(self, session, step):
+        from megalora.umm.session import evaluate
+
+        first = session.evals.state_dict()
+        self.losses = evaluate(session.runner, session.run, session.evals, session.device)
+        session.evals.load_state_dict(first)
+
+    def finish(self, session, completed):
+        return self.losses

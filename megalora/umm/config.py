@@ -27,6 +27,8 @@ def _positive(section: str, obj, *names: str) -> None:
             raise ValueError(f"{section}.{name} must be a positive int, got {value!r}")
 
 
+IMAGE_LOSSES = ("mse", "mse_sum", "cosine")
+
 @dataclass
 class UMMModelConfig:
     """The LLaMA-style decoder and its visual connectors (Emu2's architecture)."""
@@ -54,13 +56,18 @@ class UMMModelConfig:
     norm_eps: float = 1e-6
     """RMSNorm epsilon."""
     image_loss: str = "mse"
-    """Visual regression loss: ``mse`` (mean over feature dims) or ``cosine`` (1 - cos)."""
+    """Visual regression loss per predicted slot: ``mse`` (per-element: mean over the feature
+    dims, as Emu2), ``mse_sum`` (summed over the feature dims: visual_dim times larger, which
+    flips the text/image gradient balance) or ``cosine`` (1 - cos). Logged at start."""
     text_loss_weight: float = 1.0
     """Weight of the text cross-entropy in the summed loss."""
     image_loss_weight: float = 1.0
     """Weight of the image regression in the summed loss."""
     init_std: float = 0.1
     """Std of the random base init when no checkpoint is imported (tiny/test models)."""
+    base_checkpoint: Optional[str] = None
+    """A base trained by ``megalora pretrain`` (its base.safetensors), loaded before the
+    adapters are added (TP = PP = 1)."""
     hf_checkpoint: Optional[str] = None
     """A LLaMA-architecture Hugging Face checkpoint directory (config.json + safetensors) whose
     weights replace the random base (``megalora.umm.hf.import_llama``); its config must match
@@ -77,8 +84,8 @@ class UMMModelConfig:
         if self.num_attention_heads % groups:
             raise ValueError(f"model.num_attention_heads={self.num_attention_heads} is not "
                              f"divisible by model.num_query_groups={groups}")
-        if self.image_loss not in ("mse", "cosine"):
-            raise ValueError(f"model.image_loss must be 'mse' or 'cosine', got "
+        if self.image_loss not in IMAGE_LOSSES:
+            raise ValueError(f"model.image_loss must be one of {', '.join(IMAGE_LOSSES)}, got "
                              f"{self.image_loss!r}")
         if self.text_loss_weight < 0 or self.image_loss_weight < 0:
             raise ValueError("model.text_loss_weight and model.image_loss_weight must be >= 0")
@@ -161,6 +168,8 @@ class DataConfig:
     """Shuffling (and synthetic generation) seed."""
     eval_samples: int = 64
     """Held-out synthetic samples (a different seed) for evaluation."""
+    eval_path: Optional[str] = None
+    """Held-out dataset directory (with ``path``): evaluated in order, never trained on."""
 
     def validate(self, model: UMMModelConfig) -> None:
         _positive("data", self, "seq_length")

@@ -186,7 +186,7 @@ class UMMModel(torch.nn.Module):
         pooled = F.adaptive_avg_pool2d(img, slots)  # Emu2: avg-pool the patch grid to N slots
         return pooled.flatten(2).transpose(1, 2).reshape(-1, patches.shape[-1])
 
-    def _embed(self, batch: UMMBatch) -> torch.Tensor:
+    def embed_inputs(self, batch: UMMBatch) -> torch.Tensor:
         """Decoder input [s(/TP), b, h]: word embeddings, project_up at ``<image>`` slots."""
         words = self.llm.embedding.word_embeddings
         # Under SP megatron reduce-scatters inside the embedding; keep the full [b, s, h] here so
@@ -214,7 +214,7 @@ class UMMModel(torch.nn.Module):
         ``caption``), ``image`` and the token counts."""
         b, s = batch.tokens.shape
         positions = torch.arange(s, device=batch.tokens.device).unsqueeze(0).expand(b, s)
-        decoder_input = self._embed(batch) if self.pre_process else None
+        decoder_input = self.embed_inputs(batch) if self.pre_process else None
         out = self.llm(batch.tokens, positions, attention_mask, decoder_input=decoder_input,
                        labels=batch.text_labels if self.post_process else None)
         if not self.post_process:
@@ -245,12 +245,25 @@ class UMMModel(torch.nn.Module):
         target = batch.features[rows[target_mask]].float()
         if self.run.model.image_loss == "mse":
             per_slot = ((pred - target) ** 2).mean(-1)
+        elif self.run.model.image_loss == "mse_sum":
+            per_slot = ((pred - target) ** 2).sum(-1)
         else:
             per_slot = 1.0 - F.cosine_similarity(pred, target, dim=-1)
         total = per_slot.sum()
         if self.config.sequence_parallel:
             total = comm.reduce_from_tp(total.reshape(1), self.tp_group)[0]
         return total / batch.image_target_mask.sum().clamp_min(1).to(total.dtype)
+
+
+def loss_convention(run: RunConfig) -> str:
+    """One line that says how the two losses are measured and weighted (logged at start: a
+    text/image gradient ratio means little without it)."""
+    m = run.model
+    image = {"mse": f"per-element MSE (mean over visual_dim={m.visual_dim})",
+             "mse_sum": f"MSE summed over visual_dim={m.visual_dim}",
+             "cosine": "1 - cosine"}[m.image_loss]
+    return (f"losses: text cross-entropy (mean over text targets) x {m.text_loss_weight:g} + "
+            f"image {image} per predicted slot (mean over slots) x {m.image_loss_weight:g}")
 
 
 def objective_weights(run: RunConfig, names=("text", "image")) -> Dict[str, float]:

@@ -91,7 +91,9 @@ def build_datasets(run: RunConfig):
             num_samples=d.synthetic_samples, seq_length=d.seq_length, seed=d.seed, **dims,
             **pixels)), **dims)
     held_out = None
-    if d.eval_samples and not d.path:
+    if d.eval_path:
+        held_out = UMMDataset.open(d.eval_path, **dims)
+    elif d.eval_samples and not d.path:
         held_out = UMMDataset.from_samples(synthetic_samples(SyntheticSpec(
             num_samples=d.eval_samples, seq_length=d.seq_length, seed=d.seed + 1_000_003,
             **dims, **pixels)), **dims)
@@ -125,6 +127,9 @@ def build_model(run: RunConfig, device: torch.device, lora=None):
     if run.model.hf_checkpoint:  # the pretrained base, before the adapters are added
         from megalora.umm.hf import import_llama
         import_llama(model, run.model.hf_checkpoint)
+    if run.model.base_checkpoint:  # a base from `megalora pretrain`
+        from megalora.umm.base_checkpoint import load_base
+        load_base(model, run, run.model.base_checkpoint)
     if cuda:
         model.cuda()
     report = megalora.apply_lora(model, run.lora if lora is None else lora)
@@ -202,14 +207,15 @@ def global_scalars(stats: Optional[dict], device) -> dict:
     """Last-stage losses to every rank, averaged over data parallel."""
     from megatron.core import parallel_state as ps
 
-    keys = ("text", "image", "loss", "text_tokens", "image_tokens")
-    t = torch.tensor([float(stats[k]) if stats else 0.0 for k in keys], dtype=torch.float64,
-                     device=device)
+    # means first (averaged over data parallel), then the token counts (summed)
+    keys = ("text", "image", "loss", "lm", "caption", "text_tokens", "image_tokens")
+    t = torch.tensor([float(stats.get(k, 0.0)) if stats else 0.0 for k in keys],
+                     dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())
         dist.all_reduce(t, group=ps.get_data_parallel_group())
-        t[:3] /= ps.get_data_parallel_world_size()
+        t[:5] /= ps.get_data_parallel_world_size()
     return dict(zip(keys, t.tolist()))
 
 

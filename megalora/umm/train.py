@@ -63,6 +63,7 @@ def train(run: RunConfig, max_steps_this_run: int = 0,
     (``megalora.umm.methods``) come first, then ``hooks``. ``max_steps_this_run`` > 0 stops
     (with a checkpoint) after that many steps of this invocation, as a preemption would."""
     from megalora.umm.methods import method_hooks
+    from megalora.umm.model import loss_convention
 
     hooks = method_hooks(run) + list(hooks)
     gradient_hook(hooks)  # at most one hook produces the gradients; names are unique
@@ -74,6 +75,7 @@ def train(run: RunConfig, max_steps_this_run: int = 0,
             session = TrainingSession.build(run, device)
             if dist.get_rank() == 0:
                 print(session.lora_report, flush=True)
+                print(loss_convention(run), flush=True)
             for hook in hooks:
                 hook.setup(session)
             return _train_session(session, hooks, preempt, ckpt, max_steps_this_run)

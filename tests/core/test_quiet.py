@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow  # runs the CLI in subprocesses
 UPSTREAM_NOISE = ("Transformer Engine", "Apex", "UserWarning", "FutureWarning",
                   "Params for bucket", "Setting up optimizer", "DistributedDataParallel")
 # Lines before the first step that are neither the adapter report nor ours to remove: torchrun's
-# own 4-line OMP_NUM_THREADS banner (printed by the launcher process) and the launch line.
+# own 4-line OMP_NUM_THREADS banner (printed by the launcher process), the launch line and the
+# losses' convention (megalora.umm.model.loss_convention).
 OTHER_LINES_BEFORE_FIRST_STEP = 6
 
 

@@ -7,10 +7,9 @@ import os
 import pytest
 import torch
 
-from helpers import context_free_losses
+from helpers import HeldOutAtStart, context_free_losses
 from megalora.testing.dist import run_distributed
 from megalora.umm.config import RunConfig
-from megalora.umm.hooks import TrainerHook
 
 
 def _run(tmp, steps, **over):
@@ -26,23 +25,6 @@ def _train_worker(rank, world, run, max_steps=0):
     from megalora.umm.train import train
 
     return train(run, max_steps_this_run=max_steps)
-
-
-class HeldOutAtStart(TrainerHook):
-    """The untrained model's held-out losses (adapters as initialised: B = 0), on the batches
-    the trainer's final evaluation uses: the baseline that training must beat."""
-
-    name = "held_out_at_start"
-
-    def start(self, session, step):
-        from megalora.umm.session import evaluate
-
-        first = session.evals.state_dict()
-        self.losses = evaluate(session.runner, session.run, session.evals, session.device)
-        session.evals.load_state_dict(first)
-
-    def finish(self, session, completed):
-        return self.losses
 
 
 def _train_from_scratch_worker(rank, world, run):
@@ -272,3 +254,23 @@ def test_main_job_command_runs(tmp_path):
         # printed to 4 decimals; TP=2+SP and TP=1 agree to ~1e-6
         assert abs(float(printed[i + 1]) - trained[key]) <= 6e-5, (key, printed[0], trained)
         assert trained[key] < untrained[key], (key, trained, untrained)
+
+
+@pytest.mark.slow
+def test_image_loss_conventions(tmp_path):
+    """``mse_sum`` is ``mse`` times visual_dim on the same init and batches (text unchanged),
+    and the convention is the line the trainer logs."""
+    from megalora.umm.model import loss_convention
+
+    runs = {kind: _run(tmp_path / kind, 1, model={"image_loss": kind})
+            for kind in ("mse", "mse_sum")}
+    (mean, _), (summed, _) = [run_distributed(1, _step_losses, (runs[k],))[0]
+                              for k in ("mse", "mse_sum")]
+    dim = runs["mse"].model.visual_dim
+    assert summed["image"] == pytest.approx(dim * mean["image"], rel=1e-5)
+    assert summed["text"] == mean["text"]
+    assert loss_convention(runs["mse"]) == (
+        "losses: text cross-entropy (mean over text targets) x 1 + image per-element MSE "
+        f"(mean over visual_dim={dim}) per predicted slot (mean over slots) x 1")
+    with pytest.raises(ValueError, match="model.image_loss must be one of mse, mse_sum, cosine"):
+        _run(tmp_path / "bad", 1, model={"image_loss": "l1"})
