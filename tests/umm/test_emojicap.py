@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # fetches ~30 MB once, then builds in seconds
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    cache = os.environ.get("MEGALORA_DEB_CACHE", os.path.expanduser("~/.cache/megalora/debian"))
+    cache = os.environ.get("MEGALORA_DEB_CACHE") or os.path.expanduser("~/.cache/megalora/debian")
     try:
         emojicap.fetch_sources(cache)
     except Exception as exc:  # no apt-get, no archive
