@@ -208,6 +208,7 @@ def join_entries(root: str, cfg: EmojiCapConfig) -> List[dict]:
             continue
         rows.append({"code": code, "char": char, "category": entry["category"],
                      "group": "-".join(c for c in code.split("-") if c not in SKIN_TONES),
+                     "name": en["tts"],
                      "captions": {lang: caption(names[lang][_strip_vs(char)], lang == "en")
                                   for lang in cfg.languages
                                   if names[lang].get(_strip_vs(char), {}).get("tts")},
@@ -296,7 +297,8 @@ def build(cfg: EmojiCapConfig, progress=print) -> dict:
         counts[split] = {"emoji": len(members), "groups": len({r["group"] for r in members}),
                          "documents": 2 * len(STYLES) * sum(len(r["captions"]) for r in members)}
     _write_jsonl(os.path.join(cfg.out, "emoji.jsonl"),
-                 [{k: r[k] for k in ("code", "char", "category", "group", "split", "captions")}
+                 [{k: r[k] for k in ("code", "char", "category", "group", "split", "name",
+                                     "captions")}
                   for r in rows])
     manifest = {"config": dataclasses.asdict(cfg), "packages": package_versions(cfg.cache),
                 "counts": counts, "categories": sorted({r["category"] for r in rows}),

@@ -50,6 +50,10 @@ def test_generation_equals_one_teacher_forced_pass(tmp_path):
 
 
 def test_caption_hits():
-    assert caption_hits(["grinning face: face", "red apple", "zzz"],
-                        ["grinning face: face, grin", "green apple: fruit", "sun: star"]) == \
-        {"name_accuracy": 1 / 3, "word_hit": 2 / 3}
+    texts = ["flag: Germany: flag", "flag: France", "grinning face", "red apple: fruit"]
+    names = ["flag: Germany", "flag: Japan", "grinning face", "green apple"]
+    # exact: 0 and 2; words: 0, 1 (flag), 2, 3 (apple); shuffled names (next one's): exact
+    # none, words: 0 (flag), 1 (no: "grinning face"), 2 (no: "green apple"), 3 (no: "flag...")
+    assert caption_hits(texts, names) == {"name_accuracy": 0.5, "word_hit": 1.0,
+                                          "name_accuracy_shuffled": 0.0,
+                                          "word_hit_shuffled": 0.25}
