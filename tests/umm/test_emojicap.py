@@ -127,9 +127,9 @@ def _train_on_emojicap(rank, world, run):
 
 
 def test_lora_trains_on_emojicap_end_to_end(built, tmp_path):
-    """The run config launch/configs/emojicap_tiny.yaml, shortened, on the real data: the
-    held-out (test split: emoji never trained on) text and image losses end below the untrained
-    model's on the same batches."""
+    """The run config launch/configs/emojicap_tiny.yaml, shortened, on the real data (both
+    styles) from a random init: the held-out (test split: emoji never trained on) text and image
+    losses end below the untrained model's on the same batches."""
     from megalora.testing.dist import run_distributed
     from megalora.umm.config import RunConfig
 
@@ -137,7 +137,7 @@ def test_lora_trains_on_emojicap_end_to_end(built, tmp_path):
     run = RunConfig.from_yaml("emojicap_tiny", [
         f"data.path={cfg.out}/train", f"data.eval_path={cfg.out}/test", "train.steps=40",
         f"train.out_dir={tmp_path}", "train.save_every=0", "train.tensorboard=false",
-        "model.num_layers=2"])
+        "model.num_layers=2", "model.base_checkpoint=null", "pareto.mode=off"])
     result = run_distributed(1, _train_on_emojicap, (run,))[0]
     for key in ("text", "image"):
         assert result["eval"][key] < result["held_out_at_start"][key], (key, result["eval"],
