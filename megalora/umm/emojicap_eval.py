@@ -83,15 +83,17 @@ def run(args) -> int:
 # ------------------------------------------------------------------ scoring a model
 
 
-def score_generated(net, generated, other_style, reference, categories) -> Dict[str, float]:
+def score_generated(net, generated, other_style, reference_features,
+                    categories) -> Dict[str, float]:
     """Judge scores of generated images [N, 3, S, S] (row i: emoji i): category accuracy;
     retrieval of each real ``other_style`` image's twin among them; Fréchet distance of their
-    judge features to ``reference`` (real images of the same style)."""
+    judge features to ``reference_features`` (the judge's features of real images of the same
+    style)."""
     from megalora.umm.judge import frechet_distance, judge_outputs
 
     f, logits, emb = judge_outputs(net, generated)
     _, _, emb_other = judge_outputs(net, other_style)
-    ref, _, _ = judge_outputs(net, reference)
+    ref = reference_features
     rank = (emb_other @ emb.t()).argsort(dim=1, descending=True)
     hit = rank.eq(torch.arange(len(rank)).unsqueeze(1))
     return {"category_accuracy": float(logits.argmax(1).eq(categories).float().mean()),
@@ -158,8 +160,10 @@ def evaluate_model(run, data_dir: str, adapter: str = "", style: str = "noto",
         feats = captions_to_images(model, run, [tok.encode(c) for c in captions])
         real = test.pairs[:, s]
         texts = images_to_captions(model, run, encoder.encode(real))
+    from megalora.umm.judge import judge_outputs
+
     generated = encoder.decode(feats)
-    reference = train.pairs[:, s]
+    reference = judge_outputs(net, train.pairs[:, s])[0]  # once, for every row below
     other = test.pairs[:, 1 - s]
     return {
         "generated": score_generated(net, generated, other, reference, test.categories),
