@@ -1,4 +1,5 @@
-"""Shared fixtures: an in-process world-1 gloo group with megatron's parallel state (TP=PP=1).
+"""Shared fixtures: an in-process world-1 gloo group with megatron's parallel state (TP=PP=1);
+EmojiCap built once per session (``built``).
 
 Multi-rank tests spawn their own gloo worlds with ``megalora.testing.dist.run_distributed``.
 """
@@ -40,3 +41,22 @@ def megatron_world1():
 def seeded():
     torch.manual_seed(0)
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """EmojiCap from the real Debian packages, English and German captions: (EmojiCapConfig,
+    manifest, the unpacked packages' root). The packages are fetched with apt-get; without
+    the archive the tests that need it skip, except in CI (MEGALORA_REQUIRE_DEBIAN=1), where
+    they fail."""
+    from helpers import requirement
+    from megalora.umm import emojicap
+
+    cache = os.environ.get("MEGALORA_DEB_CACHE") or os.path.expanduser("~/.cache/megalora/debian")
+    try:
+        emojicap.fetch_sources(cache)
+    except Exception as exc:  # no apt-get, no archive
+        requirement("debian", f"the packages could not be fetched: {exc}")
+    out = tmp_path_factory.mktemp("emojicap")
+    cfg = emojicap.EmojiCapConfig(out=str(out), cache=cache, languages=("en", "de"))
+    return cfg, emojicap.build(cfg, progress=lambda m: None), os.path.join(cache, "root")

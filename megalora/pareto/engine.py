@@ -32,6 +32,7 @@ import torch
 from megalora import reductions
 from megalora.atomic import atomic_write_bytes
 from megalora.pareto import groups as grouping
+from megalora.pareto.gradnorm import GradNormWeights
 from megalora.pareto.solver import RULES, integrate, integrate_one
 
 OBJECTIVE_SETS = ({"text", "image"}, {"lm", "caption", "image"})
@@ -50,7 +51,8 @@ class ParetoConfig:
     between)."""
     rule: str = "pareto"
     """``pareto`` (MGDA on conflict, rescale on imbalance, else sum), or the baselines ``sum``,
-    ``mgda``, ``pcgrad``, ``fixed``."""
+    ``mgda``, ``pcgrad``, ``fixed``, ``balance`` (every group rescaled to equal norms every
+    step) and ``gradnorm`` (learned whole-model weights, Chen et al. 2018)."""
     groups: str = "layer"
     """``model``, ``layer``, ``layer_group:N`` or ``module`` (see megalora.pareto.groups)."""
     tau: float = 10.0
@@ -66,6 +68,10 @@ class ParetoConfig:
     """Rule ``fixed``: one weight per objective, in the order of ``objectives``."""
     history: bool = True
     """Write per-group statistics to out_dir/pareto.jsonl (for ``megalora pareto-plot``)."""
+    gradnorm_alpha: float = 1.5
+    """Rule ``gradnorm``: the restoring force's exponent (GradNorm's alpha; LibMTL's 1.5)."""
+    gradnorm_lr: float = 0.025
+    """Rule ``gradnorm``: Adam's learning rate for the weights' logits."""
 
     def __post_init__(self) -> None:
         if self.mode is False:  # YAML 1.1 reads a bare `off` as false
@@ -87,6 +93,9 @@ class ParetoConfig:
                                      or len(self.fixed_weights) != len(self.objectives)):
             raise ValueError(f"pareto.rule=fixed needs pareto.fixed_weights with "
                              f"{len(self.objectives)} numbers ({', '.join(self.objectives)})")
+        if not (self.gradnorm_alpha >= 0 and self.gradnorm_lr > 0):
+            raise ValueError(f"pareto.gradnorm_alpha must be >= 0 and pareto.gradnorm_lr > 0, "
+                             f"got {self.gradnorm_alpha} and {self.gradnorm_lr}")
         grouping.group_names(self.groups, 10 ** 6)  # the spelling; layer counts checked later
 
     @property
@@ -128,16 +137,21 @@ class ParetoEngine:
                         for _ in self.objectives]
         self.multipliers = [1.0] * len(self.objectives)
         """Cheap mode: what multiplies each objective's model weight between exact steps."""
+        self.gradnorm = (GradNormWeights(len(self.objectives), cfg.gradnorm_alpha,
+                                         cfg.gradnorm_lr) if cfg.rule == "gradnorm" else None)
         self.last: Optional[dict] = None
 
     def exact_due(self, step: int) -> bool:
         """Exact mode: every step; cheap mode: steps 1, 1 + every, ..."""
         return self.cfg.mode == "exact" or (step - 1) % self.cfg.every == 0
 
-    def gradients(self, step: int, model_weights: Sequence[float], run_pass, optimizer, model):
+    def gradients(self, step: int, model_weights: Sequence[float], run_pass, optimizer, model,
+                  global_losses=None):
         """One step's gradients. ``run_pass(weights)`` runs forward + backward of all
         microbatches and returns the last stage's loss stats (None elsewhere); ``optimizer``
-        has ``zero_grad()`` and ``reduce()``. Returns (stats, whether reduced)."""
+        has ``zero_grad()`` and ``reduce()``; ``global_losses(stats)`` (rule ``gradnorm``,
+        called on every rank) returns the objectives' losses, the same on every rank.
+        Returns (stats, whether reduced)."""
         from megalora.runtime import runtimes
 
         if not self.exact_due(step):
@@ -152,9 +166,13 @@ class ParetoEngine:
             stats = stats or got
             optimizer.reduce()
             self.capture(k)
+        losses = None
+        if self.gradnorm is not None:
+            found = global_losses(stats)
+            losses = [w * found[o] for w, o in zip(model_weights, self.objectives)]
         if stats is not None:  # the pass's "loss" had the other objectives weighted 0
             stats["loss"] = sum(w * stats[o] for w, o in zip(model_weights, self.objectives))
-        self.combine(step)
+        self.combine(step, losses)
         return stats, True
 
     def grads(self) -> List[torch.Tensor]:
@@ -166,8 +184,9 @@ class ParetoEngine:
         for buf, grad in zip(self.buffers[k], self.grads()):
             buf.copy_(grad)
 
-    def combine(self, step: int) -> dict:
-        """Gram matrices, weights per group, combined gradients written back; returns stats."""
+    def combine(self, step: int, losses: Optional[Sequence[float]] = None) -> dict:
+        """Gram matrices, weights per group, combined gradients written back; returns stats.
+        ``losses``: the objectives' weighted losses (rule ``gradnorm`` only)."""
         gram = grouping.distributed_gram(self.buffers, self.counted, self.group_ids,
                                          len(self.names), self.mp_group)
         if not torch.isfinite(gram).all():
@@ -184,12 +203,17 @@ class ParetoEngine:
             k = len(self.objectives)
             orders = [[torch.randperm(k, generator=gen).tolist() for _ in range(k)]
                       for _ in self.names]
-        weights, fired = integrate(gram, self.cfg.rule, self.cfg.tau, self.cfg.restore,
-                                   self.cfg.fixed_weights, orders)
+        if self.gradnorm is not None:  # one learned weight per objective, for every group
+            norms = gram.sum(0).diagonal().clamp_min(0).sqrt()
+            whole = self.gradnorm.step(norms.tolist(), losses)
+            weights, fired = whole.expand(len(self.names), -1), ["gradnorm"] * len(self.names)
+        else:
+            weights, fired = integrate(gram, self.cfg.rule, self.cfg.tau, self.cfg.restore,
+                                       self.cfg.fixed_weights, orders)
+            whole, _ = integrate_one(gram.sum(0), self.cfg.rule, self.cfg.tau, self.cfg.restore,
+                                     self.cfg.fixed_weights)
         reductions.combine(self.buffers, weights.to(torch.float32), self.group_ids,
                            out=self.grads())
-        whole, _ = integrate_one(gram.sum(0), self.cfg.rule, self.cfg.tau, self.cfg.restore,
-                                 self.cfg.fixed_weights)
         self.multipliers = whole.tolist()
         self.last = self._stats(step, gram, weights, fired)
         return self.last

@@ -39,6 +39,8 @@ class ParetoHook(TrainerHook):
                              f"{self.engine.objectives}; keep the objectives of the run you "
                              "resume, or start afresh with train.resume=false")
         self.engine.multipliers = list(saved)
+        if self.engine.gradnorm is not None and state.get("gradnorm") is not None:
+            self.engine.gradnorm.load_state_dict(state["gradnorm"])
 
     def start(self, session, step: int) -> None:
         from megalora.pareto.engine import trim_history
@@ -55,8 +57,11 @@ class ParetoHook(TrainerHook):
         def run_pass(pass_weights):  # one weight per objective, in the engine's order
             return session.forward_backward(batches, dict(zip(objectives, pass_weights)))
 
-        stats, reduced = self.engine.gradients(step, model_weights, run_pass, session.optimizer,
-                                               session.model)
+        from megalora.umm.session import global_scalars
+
+        stats, reduced = self.engine.gradients(
+            step, model_weights, run_pass, session.optimizer, session.model,
+            global_losses=lambda found: global_scalars(found, session.device))
         if not reduced:
             session.optimizer.reduce()
         return stats
@@ -82,7 +87,9 @@ class ParetoHook(TrainerHook):
         return self.engine.summary()
 
     def state_dict(self) -> Optional[dict]:
-        return {"multipliers": list(self.engine.multipliers)}
+        gradnorm = self.engine.gradnorm
+        return {"multipliers": list(self.engine.multipliers),
+                "gradnorm": None if gradnorm is None else gradnorm.state_dict()}
 
     def finish(self, session, completed: bool) -> List[dict]:
         """Every exact step's statistics of this invocation."""

@@ -47,8 +47,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-RULES = ("pareto", "sum", "mgda", "pcgrad", "fixed")
-FIRED = ("pareto", "rescale", "sum", "mgda", "pcgrad", "fixed")
+RULES = ("pareto", "sum", "mgda", "pcgrad", "fixed", "balance", "gradnorm")
+FIRED = ("pareto", "rescale", "sum", "mgda", "pcgrad", "fixed", "balance", "gradnorm")
 """What ``integrate`` reports per group: the rule that produced its weights."""
 
 
@@ -256,18 +256,21 @@ def integrate_one(m, rule: str = "pareto", tau: float = 10.0, restore: bool = Tr
         if fixed is None or len(fixed) != k:
             raise ValueError(f"rule 'fixed' needs {k} weights, got {fixed!r}")
         return torch.tensor([float(x) for x in fixed], dtype=torch.float64), "fixed"
+    if rule == "gradnorm":
+        raise ValueError("rule 'gradnorm' learns its weights over steps: the Pareto engine "
+                         "supplies them (megalora.pareto.gradnorm), not the Gram matrix alone")
     ones = torch.ones(k, dtype=torch.float64)
     if rule == "sum":
         return ones, "sum"
     if rule == "pcgrad":
         return pcgrad_weights(m, order), "pcgrad"
-    if rule == "mgda" or conflicts(m):
+    if rule == "mgda" or (rule == "pareto" and conflicts(m)):
         w, fired = k * min_norm_weights(m), "mgda" if rule == "mgda" else "pareto"
-    elif norm_ratio(m) > tau:
+    elif rule == "balance" or norm_ratio(m) > tau:
         n = _norms(m)
         live = n > 1e-30
         w = torch.where(live, n[live].mean() / n.clamp_min(1e-300), ones)
-        fired = "rescale"
+        fired = "balance" if rule == "balance" else "rescale"
     else:
         return ones, "sum"
     if restore and not stationary(m, w):

@@ -204,7 +204,7 @@ def run_eval(args) -> int:
           f"{c['word_hit_shuffled']:.4f}); e.g. {result['samples'][:3]}")
     print(f"generated vs real features: MSE {result['image_features_mse']:.4f}")
     if h:
-        print(f"held-out: text {h['text']:.4f} (captions, text after an image: "
+        print(f"held-out: text {h['text']:.4f} (of it, text after an image, over all text bytes: "
               f"{h.get('caption', float('nan')):.4f})  image {h['image']:.4f}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -59,9 +59,11 @@ class _Preemption:
 def train(run: RunConfig, max_steps_this_run: int = 0,
           hooks: Sequence[TrainerHook] = ()) -> dict:
     """Train per ``run``; returns {"losses": [...], "eval": {...}, "adapter": path, "step",
-    "stopped_early", and each hook's ``finish`` value under its name}. The run's methods
-    (``megalora.umm.methods``) come first, then ``hooks``. ``max_steps_this_run`` > 0 stops
-    (with a checkpoint) after that many steps of this invocation, as a preemption would."""
+    "stopped_early", "step_seconds" and "step_cpu_seconds" (mean wall and process CPU seconds
+    of this invocation's optimisation steps, checkpoints excluded), and each hook's ``finish``
+    value under its name}. The run's methods (``megalora.umm.methods``) come first, then
+    ``hooks``. ``max_steps_this_run`` > 0 stops (with a checkpoint) after that many steps of
+    this invocation, as a preemption would."""
     from megalora.umm.methods import method_hooks
     from megalora.umm.model import loss_convention
 
@@ -177,13 +179,16 @@ def _loop(session: TrainingSession, hooks: List[TrainerHook], preempt, start: in
 
     run, log = session.run, session.log
     history, stop, step, skipped = [], False, start, 0
+    spent = [0.0, 0.0]  # wall and this process's CPU seconds in _step (methods' overhead)
     tokens_per_step = run.train.micro_batch_size * run.train.num_microbatches * \
         run.data.seq_length * ps.get_data_parallel_world_size()
     for step in range(start + 1, run.train.steps + 1):
-        tick = time.time()
+        tick, cpu = time.time(), time.process_time()
         lr = lr_at(step - 1, lr=run.train.lr, min_lr=run.train.min_lr,
                    warmup=run.train.warmup_steps, total=run.train.steps)
         done = _step(session, hooks, step, lr, skipped)
+        spent[0] += time.time() - tick
+        spent[1] += time.process_time() - cpu
         skipped = 0 if done is not None else skipped + 1
         if done is not None:
             scalars, norm = done
@@ -202,7 +207,9 @@ def _loop(session: TrainingSession, hooks: List[TrainerHook], preempt, start: in
         if stop:
             log.message(f"stopping at step {step} (checkpoint saved); rerun to resume")
             break
-    return {"losses": history, "step": step, "stopped_early": bool(stop)}
+    steps = max(step - start, 1)
+    return {"losses": history, "step": step, "stopped_early": bool(stop),
+            "step_seconds": spent[0] / steps, "step_cpu_seconds": spent[1] / steps}
 
 
 def _save(session: TrainingSession, hooks: List[TrainerHook], step: int,

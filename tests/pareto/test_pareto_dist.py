@@ -66,6 +66,8 @@ LAYOUTS = {
     "dp2": ({}, {"groups": "layer"}),
     "tp2-sp-3-objectives": ({"tensor_parallel": 2, "sequence_parallel": True},
                             {"groups": "layer", "objectives": THREE}),
+    "tp2-sp-balance": ({"tensor_parallel": 2, "sequence_parallel": True},
+                       {"groups": "layer", "rule": "balance"}),
 }
 
 
@@ -151,6 +153,29 @@ def test_trainer_cheap_mode_logs_and_resumes_exactly(tmp_path):
     a, b = load_file(full["adapter"]), load_file(resumed["adapter"])
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7), key
+
+
+@pytest.mark.slow
+def test_gradnorm_in_the_trainer_pp2_equals_one_process_and_resumes(tmp_path):
+    """GradNorm learns from the losses, which only the last pipeline stage computes: at PP=2
+    every rank must take the same weights, and the run (interrupted after step 2, resumed,
+    GradNorm's Adam state coming back from state.json) must reach one process's adapter."""
+    from safetensors.torch import load_file
+
+    pareto = {"rule": "gradnorm", "groups": "layer", "gradnorm_lr": 0.2}
+    one = run_distributed(1, _train_worker, (_run(tmp_path / "one", None, pareto),))[0]
+    run = _run(tmp_path / "pp2", {"pipeline_parallel": 2}, pareto, save_every=2)
+    run_distributed(2, _train_worker, (run, 2))
+    resumed = run_distributed(2, _train_worker, (run,))
+    assert resumed[0]["step"] == 4
+    weights = [[r["weights"][0] for r in rank["pareto"]] for rank in resumed]
+    assert weights[0] == weights[1]  # both stages, the same learned weights
+    ref = [r["weights"][0] for r in one["pareto"]][2:]
+    assert torch.allclose(torch.tensor(weights[0]), torch.tensor(ref), rtol=1e-5)
+    assert abs(ref[-1][0] - 1.0) > 1e-3  # it learned something by step 4
+    a, b = load_file(one["adapter"]), load_file(resumed[0]["adapter"])
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
 
 
 def test_pareto_config_errors():

@@ -13,25 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import requirement
 from megalora.umm import emojicap
 from megalora.umm.data import UMMDataset
 from megalora.umm.image_docs import ByteTokenizer
 from megalora.umm.tokens import SpecialTokens
 
 pytestmark = pytest.mark.slow  # fetches ~30 MB once, then builds in seconds
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    cache = os.environ.get("MEGALORA_DEB_CACHE") or os.path.expanduser("~/.cache/megalora/debian")
-    try:
-        emojicap.fetch_sources(cache)
-    except Exception as exc:  # no apt-get, no archive
-        requirement("debian", f"the packages could not be fetched: {exc}")
-    out = tmp_path_factory.mktemp("emojicap")
-    cfg = emojicap.EmojiCapConfig(out=str(out), cache=cache, languages=("en", "de"))
-    return cfg, emojicap.build(cfg, progress=lambda m: None), os.path.join(cache, "root")
 
 
 def _rows(out):
