@@ -15,8 +15,9 @@ from typing import Dict, List, Sequence, Tuple
 def grid(config: str, overrides: Sequence[str], variants: Dict[str, Sequence[str]],
          seeds: Sequence[int], out: str) -> List[Tuple[str, dict]]:
     """One run config per (variant, seed): ``config`` + ``overrides`` + the variant's own
-    overrides; train.seed and data.seed are the seed, so every variant of a seed starts from
-    the same init and reads the same data in the same order."""
+    overrides (``{seed}`` in them becomes the seed); train.seed and data.seed are the seed, so
+    every variant of a seed starts from the same init and reads the same data in the same
+    order."""
     from megalora.umm.config import RunConfig
 
     runs = []
@@ -24,8 +25,9 @@ def grid(config: str, overrides: Sequence[str], variants: Dict[str, Sequence[str
         for seed in seeds:
             key = f"{name}_s{seed}"
             run = RunConfig.from_yaml(config, [
-                *overrides, *extra, f"train.seed={seed}", f"data.seed={seed}",
-                f"train.out_dir={os.path.join(out, key)}", "train.resume=false"])
+                *overrides, *(o.format(seed=seed) for o in extra), f"train.seed={seed}",
+                f"data.seed={seed}", f"train.out_dir={os.path.join(out, key)}",
+                "train.resume=false"])
             runs.append((key, run.to_dict()))
     return runs
 

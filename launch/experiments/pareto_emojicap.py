@@ -43,6 +43,13 @@ VARIANTS = {
 """The variants: overrides of the LoRA recipe (launch/configs/emojicap_tiny.yaml)."""
 
 
+def check_inputs(args) -> None:
+    for path in (os.path.join(args.data, "emoji.jsonl"), args.base):
+        if not os.path.exists(path):
+            raise SystemExit(f"{path} does not exist: run `make emojicap` and `megalora pretrain "
+                             f"--config emojicap_base` first, or pass --data / --base")
+
+
 def recipe_overrides(args) -> list:
     d = args.data
     return [f"data.path={d}/train_noto", f"data.eval_path={d}/test_noto",
@@ -121,21 +128,20 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--eval-limit", type=int, default=0,
                    help="score only the first N test emoji (quick checks; 0 = all)")
+    p.add_argument("--choices", type=int, default=4,
+                   help="candidates per multiple-choice question (cost grows with it)")
     p.add_argument("--judge-epochs", type=int, default=None, help="a shorter judge (CI)")
     p.add_argument("--judge-width", type=int, default=None, help="a narrower judge (CI)")
     p.add_argument("--out", default="results/pareto_emojicap", help="work and results folder")
     p.add_argument("overrides", nargs="*", help="section.field=value for every variant")
     args = p.parse_args(argv)
-    for path in (os.path.join(args.data, "emoji.jsonl"), args.base):
-        if not os.path.exists(path):
-            raise SystemExit(f"{path} does not exist: run `make emojicap` and `megalora pretrain "
-                             f"--config emojicap_base` first, or pass --data / --base")
+    check_inputs(args)
     variants = {k: VARIANTS[k] for k in args.variants}
     runs = grid("emojicap_tiny", recipe_overrides(args), variants, args.seeds, args.out)
     trained = train_many(runs, args.out, args.jobs)
     scored = evaluate_many(runs, args.out, args.jobs,
                            "megalora.umm.emojicap_metrics:score_run",
-                           data_dir=args.data, limit=args.eval_limit,
+                           data_dir=args.data, limit=args.eval_limit, choices=args.choices,
                            judge_epochs=args.judge_epochs, judge_width=args.judge_width)
     write_report(args.out, variants, args.seeds, trained, scored, reference=variants_ref(variants),
                  title="Pareto LoRA and baselines on EmojiCap", command=" ".join(sys.argv))

@@ -113,7 +113,7 @@ def choice_and_losses(model, run, captions: List[List[int]], feats: torch.Tensor
             "image_mse": sums["image"] / sums["image_n"]}
 
 
-def score_run(run, data_dir: str, limit: int = 0, choices: int = 8, seed: int = 0,
+def score_run(run, data_dir: str, limit: int = 0, choices: int = 4, seed: int = 0,
               judge_epochs: Optional[int] = None, judge_width: Optional[int] = None) -> dict:
     """The figures above for the run ``run`` (its out_dir's adapter); ``limit``: the first N
     test emoji only; ``judge_*``: a smaller judge than the default (quick checks)."""

@@ -65,3 +65,26 @@ def test_pareto_emojicap_reduced(built, base, tmp_path, capsys):
     capsys.readouterr()
     assert pareto_emojicap.main(args) == 0  # cached: nothing is trained or scored again
     assert json.load(open(tmp_path / "results.json"))["runs"] == res["runs"]
+
+
+def test_hydra_emojicap_reduced(built, base, tmp_path):
+    import hydra_emojicap
+
+    cfg, _, _ = built
+    args = ["--data", cfg.out, "--base", base, "--steps", "6", "--every", "1", "--seeds", "0",
+            "1", "--eval-limit", "16", "--judge-epochs", "1", "--judge-width", "8",
+            "--out", str(tmp_path), *SMALL]
+    assert hydra_emojicap.main(args) == 0
+    res = json.load(open(tmp_path / "results.json"))
+    assert set(res["runs"]) == {f"{v}_s{s}" for v in ("uniform", "masked", "hydra", "final")
+                                for s in (0, 1)}
+    summary = res["summary"]
+    # the masked control reproduces uniform ranks (same first ranks of the factors, same scale)
+    for key in ("image_mse", "text_ce"):
+        assert summary["masked"][key]["values"] == pytest.approx(
+            summary["uniform"][key]["values"], rel=1e-5), key
+    budget = {res["runs"][f"hydra_s{s}"]["hydra_params"] for s in (0, 1)}
+    assert len(budget) >= 1 and None not in budget
+    final = RunConfig.from_yaml(str(tmp_path / "hydra_s0" / "hydra_ranks.yaml"))
+    assert final.lora.rank_pattern  # the exported allocation, trained from the start
+    assert "| final |" in (tmp_path / "results.md").read_text()
