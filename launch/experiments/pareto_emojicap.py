@@ -70,19 +70,21 @@ def phenomenon(out: str, variants, seeds, trained: dict) -> str:
     single = [trained[f"{v}_s{s}"]["step_cpu_seconds"] for v in variants
               if not any(o.startswith("pareto.mode=") for o in variants[v]) for s in seeds]
     base = statistics.mean(single) if single else float("nan")
-    lines = ["", "| variant | median text/image norm ratio per layer | median cosine | "
+    lines = ["", "| variant | median text/image norm ratio per layer | median cosine (share < 0) | "
              "rules fired (share of group-steps) | CPU s/step | vs one pass |",
              "|---|---|---|---|---|---|"]
     for v in variants:
         rows = [r for s in seeds for r in _history(out, f"{v}_s{s}")]
         sec = statistics.mean(trained[f"{v}_s{s}"]["step_cpu_seconds"] for s in seeds)
         ratio = cos = fired = "(not measured)"
-        if rows:
-            groups = rows[0]["groups"]
+        if rows:  # the groups with LoRA gradients (layer grouping also lists empty ones)
+            live = [g for g in range(len(rows[0]["groups"])) if any(max(r["norms"][g]) > 0
+                                                                    for r in rows)]
             ratio = ", ".join(f"{statistics.median(r['ratio'][g] for r in rows):.2f}"
-                              for g in range(len(groups)))
-            cos = f"{statistics.median(c for r in rows for c in r['cos']):+.4f}"
-            names = [f for r in rows for f in r["fired"]]
+                              for g in live)
+            c = [r["cos"][g] for r in rows for g in live]
+            cos = f"{statistics.median(c):+.4f} (< 0 in {sum(x < 0 for x in c) / len(c):.2f})"
+            names = [r["fired"][g] for r in rows for g in live]
             fired = ", ".join(f"{n} {names.count(n) / len(names):.2f}"
                               for n in dict.fromkeys(names))
         lines.append(f"| {v} | {ratio} | {cos} | {fired} | {sec:.3f} | {sec / base:.2f}x |")
@@ -100,6 +102,8 @@ def _plot_ratio(out: str, variant: str, seeds) -> None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for g, group in enumerate(runs[0][0]["groups"]):
+        if not any(max(r["norms"][g]) > 0 for r in runs[0]):
+            continue  # a group without LoRA parameters
         for i, rows in enumerate(runs):
             steps = [r["step"] for r in rows]
             kw = {"color": f"C{g}", "alpha": 0.6, "label": group if i == 0 else None}
