@@ -32,6 +32,14 @@ def grid(config: str, overrides: Sequence[str], variants: Dict[str, Sequence[str
     return runs
 
 
+def _save(path: str, record: dict) -> None:
+    """Atomically: a worker killed mid-write must not leave a half-written file that a rerun
+    would take for a finished run."""
+    from megalora.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(record).encode())
+
+
 def _quiet_world_1():
     import torch
 
@@ -68,8 +76,7 @@ def _train_worker(configs, results_dir):
                   "step_cpu_seconds": out["step_cpu_seconds"], "steps": steps,
                   "sequences": steps * run.train.micro_batch_size * run.train.num_microbatches,
                   "out_dir": run.train.out_dir, "adapter": out.get("adapter")}
-        with open(os.path.join(results_dir, key + ".json"), "w") as fh:
-            json.dump(record, fh)
+        _save(os.path.join(results_dir, key + ".json"), record)
     teardown()
 
 
@@ -102,8 +109,7 @@ def _eval_worker(items, results_dir, function, kwargs):
     fn = getattr(importlib.import_module(module), name)
     for key, cfg in items:
         record = fn(RunConfig.from_dict(cfg), **kwargs)
-        with open(os.path.join(results_dir, key + ".eval.json"), "w") as fh:
-            json.dump(record, fh)
+        _save(os.path.join(results_dir, key + ".eval.json"), record)
 
 
 def evaluate_many(runs, results_dir, jobs, function: str, **kwargs) -> Dict[str, dict]:

@@ -20,8 +20,8 @@ import os
 import sys
 
 from _report import write_report
-from _runs import evaluate_many, grid, train_many
-from pareto_emojicap import check_inputs, recipe_overrides
+from _runs import grid, train_many
+from pareto_emojicap import add_recipe_arguments, check_inputs, recipe_overrides, score_all
 
 
 def variants(rank: int, every: int) -> dict:
@@ -48,21 +48,9 @@ def finals(out: str, seeds) -> list:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="data/emojicap", help="the EmojiCap build")
-    p.add_argument("--base", default="out/emojicap_base/base.safetensors",
-                   help="the pretrained base (megalora pretrain --config emojicap_base)")
-    p.add_argument("--steps", type=int, default=100)
+    add_recipe_arguments(p, "results/hydra_emojicap")
     p.add_argument("--rank", type=int, default=4, help="the uniform rank = the budget")
     p.add_argument("--every", type=int, default=10, help="steps between HyDRA decisions")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--eval-limit", type=int, default=0, help="the first N test emoji (0: all)")
-    p.add_argument("--choices", type=int, default=4,
-                   help="candidates per multiple-choice question (cost grows with it)")
-    p.add_argument("--judge-epochs", type=int, default=None, help="a shorter judge (CI)")
-    p.add_argument("--judge-width", type=int, default=None, help="a narrower judge (CI)")
-    p.add_argument("--out", default="results/hydra_emojicap", help="work and results folder")
-    p.add_argument("overrides", nargs="*", help="section.field=value for every variant")
     args = p.parse_args(argv)
     check_inputs(args)
     first = variants(args.rank, args.every)
@@ -71,11 +59,7 @@ def main(argv=None) -> int:
     trained = train_many(runs, args.out, args.jobs)
     second = finals(args.out, args.seeds)
     trained.update(train_many(second, args.out, args.jobs))
-    scored = evaluate_many(runs + second, args.out, args.jobs,
-                           "megalora.umm.emojicap_metrics:score_run", data_dir=args.data,
-                           limit=args.eval_limit, choices=args.choices,
-                           judge_epochs=args.judge_epochs,
-                           judge_width=args.judge_width)
+    scored = score_all(runs + second, args)
     names = [*first, "final"]
     write_report(args.out, names, args.seeds, trained, scored, reference="uniform",
                  title=f"HyDRA vs uniform rank {args.rank} on EmojiCap",

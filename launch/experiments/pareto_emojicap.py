@@ -50,6 +50,32 @@ def check_inputs(args) -> None:
                              f"--config emojicap_base` first, or pass --data / --base")
 
 
+def add_recipe_arguments(p: argparse.ArgumentParser, out: str) -> None:
+    """The arguments every EmojiCap experiment takes (inputs, seeds, jobs, scoring, out), then
+    the positional overrides."""
+    p.add_argument("--data", default="data/emojicap", help="the EmojiCap build")
+    p.add_argument("--base", default="out/emojicap_base/base.safetensors",
+                   help="the pretrained base (megalora pretrain --config emojicap_base)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--eval-limit", type=int, default=0,
+                   help="score only the first N test emoji (quick checks; 0 = all)")
+    p.add_argument("--choices", type=int, default=4,
+                   help="candidates per multiple-choice question (cost grows with it)")
+    p.add_argument("--judge-epochs", type=int, default=None, help="a shorter judge (CI)")
+    p.add_argument("--judge-width", type=int, default=None, help="a narrower judge (CI)")
+    p.add_argument("--out", default=out, help="work and results folder")
+    p.add_argument("overrides", nargs="*", help="section.field=value for every variant")
+
+
+def score_all(runs, args) -> dict:
+    """Every trained run scored by megalora.umm.emojicap_metrics (cached per run)."""
+    return evaluate_many(runs, args.out, args.jobs, "megalora.umm.emojicap_metrics:score_run",
+                         data_dir=args.data, limit=args.eval_limit, choices=args.choices,
+                         judge_epochs=args.judge_epochs, judge_width=args.judge_width)
+
+
 def recipe_overrides(args) -> list:
     d = args.data
     return [f"data.path={d}/train_noto", f"data.eval_path={d}/test_noto",
@@ -122,30 +148,14 @@ def _plot_ratio(out: str, variant: str, seeds) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="data/emojicap", help="the EmojiCap build")
-    p.add_argument("--base", default="out/emojicap_base/base.safetensors",
-                   help="the pretrained base (megalora pretrain --config emojicap_base)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    add_recipe_arguments(p, "results/pareto_emojicap")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--eval-limit", type=int, default=0,
-                   help="score only the first N test emoji (quick checks; 0 = all)")
-    p.add_argument("--choices", type=int, default=4,
-                   help="candidates per multiple-choice question (cost grows with it)")
-    p.add_argument("--judge-epochs", type=int, default=None, help="a shorter judge (CI)")
-    p.add_argument("--judge-width", type=int, default=None, help="a narrower judge (CI)")
-    p.add_argument("--out", default="results/pareto_emojicap", help="work and results folder")
-    p.add_argument("overrides", nargs="*", help="section.field=value for every variant")
     args = p.parse_args(argv)
     check_inputs(args)
     variants = {k: VARIANTS[k] for k in args.variants}
     runs = grid("emojicap_tiny", recipe_overrides(args), variants, args.seeds, args.out)
     trained = train_many(runs, args.out, args.jobs)
-    scored = evaluate_many(runs, args.out, args.jobs,
-                           "megalora.umm.emojicap_metrics:score_run",
-                           data_dir=args.data, limit=args.eval_limit, choices=args.choices,
-                           judge_epochs=args.judge_epochs, judge_width=args.judge_width)
+    scored = score_all(runs, args)
     write_report(args.out, variants, args.seeds, trained, scored, reference=variants_ref(variants),
                  title="Pareto LoRA and baselines on EmojiCap", command=" ".join(sys.argv))
     extra = phenomenon(args.out, variants, args.seeds, trained)
