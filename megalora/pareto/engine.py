@@ -59,6 +59,11 @@ class ParetoConfig:
     """Norm ratio above which non-conflicting gradients are rescaled to equal strength."""
     restore: bool = True
     """Scale a combined direction up to the plain sum's norm when it is shorter."""
+    conflict: float = 0.0
+    """Rule ``pareto``: the cosine below which two objectives conflict (MGDA's combination).
+    The paper's test is 0; a negative value ignores cosines that are sampling noise (on
+    EmojiCap the per-layer cosine lies within +-0.05 and its sign flips step to step,
+    docs/pareto-emojicap.md)."""
     every: int = 10
     """Cheap mode: steps between exact weight computations."""
     objectives: List[str] = dataclasses.field(default_factory=lambda: ["text", "image"])
@@ -82,6 +87,8 @@ class ParetoConfig:
             raise ValueError(f"pareto.rule must be one of {RULES}, got {self.rule!r}")
         if not self.tau >= 1.0:
             raise ValueError(f"pareto.tau must be >= 1 (a norm ratio), got {self.tau}")
+        if not -1.0 <= self.conflict <= 0.0:
+            raise ValueError(f"pareto.conflict must be a cosine in [-1, 0], got {self.conflict}")
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"pareto.every must be a positive int, got {self.every!r}")
         self.objectives = list(self.objectives)
@@ -209,9 +216,9 @@ class ParetoEngine:
             weights, fired = whole.expand(len(self.names), -1), ["gradnorm"] * len(self.names)
         else:
             weights, fired = integrate(gram, self.cfg.rule, self.cfg.tau, self.cfg.restore,
-                                       self.cfg.fixed_weights, orders)
+                                       self.cfg.fixed_weights, orders, conflict=self.cfg.conflict)
             whole, _ = integrate_one(gram.sum(0), self.cfg.rule, self.cfg.tau, self.cfg.restore,
-                                     self.cfg.fixed_weights)
+                                     self.cfg.fixed_weights, conflict=self.cfg.conflict)
         reductions.combine(self.buffers, weights.to(torch.float32), self.group_ids,
                            out=self.grads())
         self.multipliers = whole.tolist()

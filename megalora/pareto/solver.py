@@ -21,11 +21,12 @@ d = sum_k w_k g_k; only the K x K Gram matrix M = [<g_i, g_j>] is needed, never 
   failure raises (a bug), it never returns a wrong point.
 - ``pcgrad_weights``: PCGrad (Yu et al. 2020) in coefficient form: each projected gradient is a
   combination of the original ones, so <pc_i, g_j> = c_i' M e_j.
-- ``integrate``: Pareto LoRA's rule per group: objectives conflict (some cosine < 0) -> the
-  MGDA combination; else the norms differ by more than ``tau`` -> rescale each to the mean
-  norm; else the plain sum. Then (``restore``) scale so the direction is not shorter than the
-  plain sum, except at a Pareto-stationary group (below). Baselines: ``sum`` (vanilla LoRA),
-  ``mgda`` everywhere, ``pcgrad``, ``fixed``.
+- ``integrate``: Pareto LoRA's rule per group: objectives conflict (some cosine below
+  ``conflict``, 0 in the paper) -> the MGDA combination; else the norms differ by more than
+  ``tau`` -> rescale each to the mean norm; else the plain sum. Then (``restore``) scale so
+  the direction is not shorter than the plain sum, except at a Pareto-stationary group
+  (below). Baselines: ``sum`` (vanilla LoRA), ``mgda`` everywhere, ``pcgrad``, ``fixed``,
+  ``balance`` (the rescale every step); ``gradnorm``'s weights come from the engine.
 MGDA weights sum to 1; they are multiplied by K so that they are on the scale of the plain sum
 (weights 1), as MMPareto's 2 x (k_1, k_2) does for two objectives.
 
@@ -222,11 +223,12 @@ def _norms(m: torch.Tensor) -> torch.Tensor:
     return m.diagonal().clamp_min(0).sqrt()
 
 
-def conflicts(m: torch.Tensor, eps: float = 1e-12) -> bool:
-    """Some pair of (non-zero) objective gradients has a negative inner product."""
+def conflicts(m: torch.Tensor, threshold: float = 0.0, eps: float = 1e-12) -> bool:
+    """Some pair of (non-zero) objective gradients has a cosine below ``threshold`` (0: a
+    negative inner product, the paper's test)."""
     n = _norms(m)
     cos = m / (n.unsqueeze(0) * n.unsqueeze(1)).clamp_min(eps)
-    return bool((cos < 0).any())
+    return bool((cos < threshold).any())
 
 
 def norm_ratio(m: torch.Tensor, eps: float = 1e-30) -> float:
@@ -246,8 +248,10 @@ def stationary(m: torch.Tensor, w: torch.Tensor) -> bool:
 
 def integrate_one(m, rule: str = "pareto", tau: float = 10.0, restore: bool = True,
                   fixed: Optional[Sequence[float]] = None,
-                  order: Optional[Sequence[Sequence[int]]] = None) -> Tuple[torch.Tensor, str]:
-    """(weights [K] float64, the rule that fired) for one group's Gram matrix ``m``."""
+                  order: Optional[Sequence[Sequence[int]]] = None, *,
+                  conflict: float = 0.0) -> Tuple[torch.Tensor, str]:
+    """(weights [K] float64, the rule that fired) for one group's Gram matrix ``m``;
+    ``conflict``: the cosine below which rule ``pareto`` takes MGDA's combination."""
     m = _as_gram(m)
     k = m.shape[0]
     if rule not in RULES:
@@ -264,7 +268,7 @@ def integrate_one(m, rule: str = "pareto", tau: float = 10.0, restore: bool = Tr
         return ones, "sum"
     if rule == "pcgrad":
         return pcgrad_weights(m, order), "pcgrad"
-    if rule == "mgda" or (rule == "pareto" and conflicts(m)):
+    if rule == "mgda" or (rule == "pareto" and conflicts(m, conflict)):
         w, fired = k * min_norm_weights(m), "mgda" if rule == "mgda" else "pareto"
     elif rule == "balance" or norm_ratio(m) > tau:
         n = _norms(m)
@@ -282,8 +286,8 @@ def integrate_one(m, rule: str = "pareto", tau: float = 10.0, restore: bool = Tr
 
 def integrate(gram, rule: str = "pareto", tau: float = 10.0, restore: bool = True,
               fixed: Optional[Sequence[float]] = None,
-              orders: Optional[List[Sequence[Sequence[int]]]] = None
-              ) -> Tuple[torch.Tensor, List[str]]:
+              orders: Optional[List[Sequence[Sequence[int]]]] = None, *,
+              conflict: float = 0.0) -> Tuple[torch.Tensor, List[str]]:
     """``integrate_one`` for every group of ``gram`` [G, K, K]: ([G, K] weights, G rule names)."""
     gram = torch.as_tensor(gram, dtype=torch.float64)
     if gram.dim() != 3:
@@ -291,7 +295,7 @@ def integrate(gram, rule: str = "pareto", tau: float = 10.0, restore: bool = Tru
     out, fired = [], []
     for g in range(gram.shape[0]):
         w, f = integrate_one(gram[g], rule, tau, restore, fixed,
-                             orders[g] if orders is not None else None)
+                             orders[g] if orders is not None else None, conflict=conflict)
         out.append(w)
         fired.append(f)
     return torch.stack(out), fired

@@ -295,3 +295,29 @@ def test_pareto_plot_writes_a_png(tmp_path, capsys):
     assert main(["pareto-plot", "--run", str(tmp_path / "nothing")]) == 2  # a user error
     err = capsys.readouterr().err
     assert "megalora: error:" in err and "pareto.mode=exact" in err and "Traceback" not in err
+
+
+def test_conflict_threshold_ignores_small_negative_cosines():
+    # unit gradients at cosine -0.02 (EmojiCap's sampling noise) and -0.3 (a real conflict)
+    def pair(cos):
+        g = torch.tensor([[1.0, 0.0], [cos, (1.0 - cos * cos) ** 0.5]], dtype=torch.float64)
+        return g @ g.t()
+
+    assert integrate_one(pair(-0.02), "pareto")[1] == "pareto"  # the paper's test: cos < 0
+    w, fired = integrate_one(pair(-0.02), "pareto", conflict=-0.05)
+    assert fired == "sum" and torch.equal(w, torch.ones(2, dtype=torch.float64))
+    w, fired = integrate_one(pair(-0.3), "pareto", restore=False, conflict=-0.05)
+    assert fired == "pareto" and torch.allclose(w, 2 * min_norm_weights(pair(-0.3)))
+    # per group through integrate; mgda everywhere ignores the threshold
+    grams = torch.stack([pair(-0.02), pair(-0.3)])
+    assert integrate(grams, "pareto", conflict=-0.05)[1] == ["sum", "pareto"]
+    assert integrate(grams, "mgda", conflict=-0.05)[1] == ["mgda", "mgda"]
+
+
+def test_conflict_threshold_is_validated():
+    from megalora.pareto.engine import ParetoConfig
+
+    assert ParetoConfig(conflict=-0.05).conflict == -0.05
+    for bad in (0.1, -1.5):
+        with pytest.raises(ValueError, match="pareto.conflict must be a cosine in"):
+            ParetoConfig(conflict=bad)

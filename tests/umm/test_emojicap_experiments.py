@@ -43,7 +43,8 @@ def test_pareto_emojicap_reduced(built, base, tmp_path, capsys):
             "--out", str(tmp_path), *SMALL]
     assert pareto_emojicap.main(args) == 0
     res = json.load(open(tmp_path / "results.json"))
-    variants = list(pareto_emojicap.VARIANTS)
+    variants = pareto_emojicap.MAIN  # the default: no ablations
+    assert "pareto_tau2" not in variants and "pareto" in variants
     assert set(res["runs"]) == {f"{v}_s{s}" for v in variants for s in (0, 1)}
     for key, run in res["runs"].items():
         assert run["steps"] == 3 and run["choice_emoji"] == 16, key
@@ -65,6 +66,23 @@ def test_pareto_emojicap_reduced(built, base, tmp_path, capsys):
     capsys.readouterr()
     assert pareto_emojicap.main(args) == 0  # cached: nothing is trained or scored again
     assert json.load(open(tmp_path / "results.json"))["runs"] == res["runs"]
+
+
+def test_pareto_emojicap_timing_and_conflict(built, base, tmp_path):
+    import pareto_emojicap
+
+    cfg, _, _ = built
+    args = ["--data", cfg.out, "--base", base, "--steps", "3", "--seeds", "0", "--timing",
+            "--variants", "vanilla", "pareto_conflict", "--out", str(tmp_path), *SMALL]
+    assert pareto_emojicap.main(args) == 0
+    md = (tmp_path / "timing.md").read_text()
+    assert "| vanilla |" in md and "| pareto_conflict |" in md and "1.00x" in md
+    assert not list(tmp_path.glob("*.eval.json"))  # timing scores nothing
+    # the threshold reaches the rule: MGDA only where some cosine is below -0.05
+    rows = [json.loads(x) for x in open(tmp_path / "pareto_conflict_s0" / "pareto.jsonl")]
+    for r in rows:
+        for fired, cos in zip(r["fired"], r["cos"]):
+            assert (fired == "pareto") == (cos < -0.05), (r["step"], fired, cos)
 
 
 def test_hydra_emojicap_reduced(built, base, tmp_path):
