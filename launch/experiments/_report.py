@@ -26,6 +26,13 @@ METRICS: List[Tuple[str, str, str]] = [
     ("judge.frechet", "judge Fréchet", "lower"),
     ("step_cpu_seconds", "CPU s/step", "lower"),
 ]
+"""EmojiCap's per-run figures (megalora.umm.emojicap_metrics and the trainer's timing)."""
+LOSSES: List[Tuple[str, str, str]] = [
+    ("image", "held-out image loss", "lower"),
+    ("text", "held-out text loss", "lower"),
+    ("step_cpu_seconds", "CPU s/step", "lower"),
+]
+"""The trainer's own held-out losses and timing (the synthetic toy's experiments)."""
 
 
 def lookup(record: dict, key: str) -> float:
@@ -44,12 +51,12 @@ def interval(values: Sequence[float]) -> Tuple[float, float]:
 
 
 def summarise(records: Dict[str, dict], variants: Sequence[str], seeds: Sequence[int],
-              reference: str) -> Dict[str, Dict[str, dict]]:
+              reference: str, metrics=METRICS) -> Dict[str, Dict[str, dict]]:
     """variant -> metric -> {values, mean, ci, diff, diff_ci, rel (diff / reference mean)}."""
     out = {}
     for name in variants:
         out[name] = {}
-        for key, _, _ in METRICS:
+        for key, _, _ in metrics:
             values = [lookup(records[f"{name}_s{s}"], key) for s in seeds]
             ref = [lookup(records[f"{reference}_s{s}"], key) for s in seeds]
             mean, ci = interval(values)
@@ -70,31 +77,34 @@ def _cell(m: dict, paired: bool) -> str:
     return text
 
 
-def markdown(summary: dict, reference: str, seeds: Sequence[int], title: str) -> str:
+def markdown(summary: dict, reference: str, seeds: Sequence[int], title: str,
+             metrics=METRICS) -> str:
     lines = [f"## {title}", "",
              f"Mean ± 95 % t-interval over seeds {list(seeds)}; under it, the paired difference "
              f"against `{reference}` (same seed: same init and data order) as a percentage of "
              f"its mean and the difference's 95 % interval (**bold**: it excludes zero).", "",
-             "| variant | " + " | ".join(t for _, t, _ in METRICS) + " |",
-             "|---|" + "---|" * len(METRICS)]
+             "| variant | " + " | ".join(t for _, t, _ in metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
     for name, row in summary.items():
-        cells = [_cell(row[k], name != reference) for k, _, _ in METRICS]
+        cells = [_cell(row[k], name != reference) for k, _, _ in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    better = ", ".join(f"{t}: {w}" for _, t, w in METRICS)
+    better = ", ".join(f"{t}: {w}" for _, t, w in metrics)
     return "\n".join(lines + ["", f"Better: {better}.", ""])
 
 
-def plot_differences(summary: dict, reference: str, keys: Sequence[str], path: str) -> None:
+def plot_differences(summary: dict, reference: str, keys: Sequence[str], path: str,
+                     metrics=METRICS) -> None:
     """One panel per metric: each variant's paired difference against the reference with its
     95 % interval."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = [n for n in summary if n != reference]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 0.5 * len(names) + 1.5),
                              squeeze=False)
-    titles = {k: t for k, t, _ in METRICS}
+    titles = {k: t for k, t, _ in metrics}
     for ax, key in zip(axes[0], keys):
         d = [summary[n][key]["diff"] for n in names]
         e = [summary[n][key]["diff_ci"] for n in names]
@@ -102,6 +112,8 @@ def plot_differences(summary: dict, reference: str, keys: Sequence[str], path: s
         ax.axvline(0.0, color="grey", lw=0.8)
         ax.set_yticks(range(len(names)), names)
         ax.set_title(f"{titles[key]} − {reference}")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # long decimals must not collide
+        ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -124,20 +136,23 @@ def provenance(command: str) -> dict:
 
 
 def write_report(out: str, variants, seeds, trained: dict, scored: dict, reference: str,
-                 title: str, command: str, plot_keys=("image_mse", "text_ce")) -> dict:
-    """results.json (every run and the summary), results.md and differences.png in ``out``."""
+                 title: str, command: str, plot_keys=("image_mse", "text_ce"),
+                 metrics=METRICS) -> dict:
+    """results.json (every run and the summary), results.md and differences.png in ``out``;
+    ``metrics``: the columns, (key in a run's merged record, title, better)."""
     records = {k: {**trained[k], **scored.get(k, {})} for k in trained}
-    summary = summarise(records, list(variants), seeds, reference)
+    summary = summarise(records, list(variants), seeds, reference, metrics)
     info = provenance(command)
     with open(os.path.join(out, "results.json"), "w") as fh:
         json.dump({"provenance": info, "seeds": list(seeds), "runs": records,
                    "summary": summary}, fh, indent=1)
-    text = markdown(summary, reference, seeds, title)
+    text = markdown(summary, reference, seeds, title, metrics)
     text += (f"\n`{info['command']}` at commit {info['commit']}"
              f"{' (uncommitted changes)' if info['dirty'] else ''}; {info['machine']}; torch "
              f"{info['torch']}; {info['date']}.\n")
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write(text)
-    plot_differences(summary, reference, plot_keys, os.path.join(out, "differences.png"))
+    plot_differences(summary, reference, plot_keys, os.path.join(out, "differences.png"),
+                     metrics)
     print(text)
     return summary

@@ -51,33 +51,56 @@ def _quiet_world_1():
     init(1, 1, device="cpu")  # one world-1 group for this worker's runs (train keeps it)
 
 
+def train_one(cfg: dict) -> dict:
+    """Train one run config dict in this process (its distributed world already set up);
+    its record: held-out losses, parameters HyDRA ended with, time, work done, adapter."""
+    from megalora.umm.config import RunConfig
+    from megalora.umm.train import train
+
+    run = RunConfig.from_dict(cfg)
+    tick, wall = time.process_time(), time.perf_counter()
+    out = train(run)
+    ev, steps = out["eval"], run.train.steps
+    return {"loss": ev["text"] + ev["image"], "text": ev["text"], "image": ev["image"],
+            "hydra_params": (out.get("hydra") or {}).get("params"),
+            "cpu_seconds": time.process_time() - tick,
+            "wall_seconds": time.perf_counter() - wall,
+            "step_seconds": out["step_seconds"], "step_cpu_seconds": out["step_cpu_seconds"],
+            "steps": steps,
+            "sequences": steps * run.train.micro_batch_size * run.train.num_microbatches,
+            "out_dir": run.train.out_dir, "adapter": out.get("adapter")}
+
+
 def _train_worker(configs, results_dir):
     """Train each run config dict in this process (world 1), one JSON result per run."""
     import contextlib
 
-    from megalora.umm.config import RunConfig
     from megalora.umm.session import teardown
-    from megalora.umm.train import train
 
     _quiet_world_1()
     for key, cfg in configs:
-        run = RunConfig.from_dict(cfg)
-        tick, wall = time.process_time(), time.perf_counter()
         with open(os.path.join(results_dir, key + ".log"), "w") as fh, \
                 contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-            out = train(run)
-        ev = out["eval"]
-        steps = run.train.steps
-        record = {"loss": ev["text"] + ev["image"], "text": ev["text"], "image": ev["image"],
-                  "hydra_params": (out.get("hydra") or {}).get("params"),
-                  "cpu_seconds": time.process_time() - tick,
-                  "wall_seconds": time.perf_counter() - wall,
-                  "step_seconds": out["step_seconds"],
-                  "step_cpu_seconds": out["step_cpu_seconds"], "steps": steps,
-                  "sequences": steps * run.train.micro_batch_size * run.train.num_microbatches,
-                  "out_dir": run.train.out_dir, "adapter": out.get("adapter")}
+            record = train_one(cfg)
         _save(os.path.join(results_dir, key + ".json"), record)
     teardown()
+
+
+def _distributed_worker(rank, world, cfg):
+    return train_one(cfg)
+
+
+def train_distributed(runs, results_dir, world: int) -> Dict[str, dict]:
+    """Like ``train_many``, but each run on ``world`` CPU processes in turn (TP / SP / PP
+    layouts); rank 0's record is kept."""
+    from megalora.testing.dist import run_distributed
+
+    os.makedirs(results_dir, exist_ok=True)
+    for key, cfg in runs:
+        path = os.path.join(results_dir, key + ".json")
+        if not os.path.exists(path):
+            _save(path, run_distributed(world, _distributed_worker, (cfg,), timeout=3600)[0])
+    return {k: json.load(open(os.path.join(results_dir, k + ".json"))) for k, _ in runs}
 
 
 def _spawn(target, todo, args, jobs):

@@ -64,13 +64,18 @@ def main(argv=None) -> int:
     write_report(args.out, names, args.seeds, trained, scored, reference="uniform",
                  title=f"HyDRA vs uniform rank {args.rank} on EmojiCap",
                  command=" ".join(sys.argv))
-    params = {n: sorted({trained[f"{n}_s{s}"]["hydra_params"] for s in args.seeds} - {None})
+    params_line(args.out, names, args.seeds, trained, args.rank)
+    return 0
+
+
+def params_line(out: str, names, seeds, trained: dict, rank: int) -> None:
+    """Appends to results.md the adapter parameters each variant ended with (HyDRA's)."""
+    params = {n: sorted({trained[f"{n}_s{s}"]["hydra_params"] for s in seeds} - {None})
               for n in names}
-    line = f"\nAdapter parameters HyDRA ended with (budget = uniform rank {args.rank}): {params}\n"
-    with open(os.path.join(args.out, "results.md"), "a") as fh:
+    line = f"\nAdapter parameters HyDRA ended with (budget = uniform rank {rank}): {params}\n"
+    with open(os.path.join(out, "results.md"), "a") as fh:
         fh.write(line)
     print(line)
-    return 0
 
 
 if __name__ == "__main__":
