@@ -285,15 +285,15 @@ def build(cfg: EmojiCapConfig, progress=print) -> dict:
     save_encoder(encoder, os.path.join(cfg.out, "encoder.safetensors"))
     counts = {}
     for split, members in splits.items():
-        # both styles (pixels kept, for the in-loop vision encoder), and one style each (the
-        # parts a base is pretrained on and LoRA adapts to)
-        for name, styles, pixels in [(split, STYLES, True)] + [
-                (f"{split}_{style}", (style,), False) for style in STYLES]:
+        # both styles, and one style each (the parts a base is pretrained on and LoRA adapts
+        # to); every dataset keeps its pixels, for the in-loop vision encoder (vision.enabled)
+        for name, styles in [(split, STYLES)] + [(f"{split}_{style}", (style,))
+                                                 for style in STYLES]:
             docs = os.path.join(cfg.out, f"{name}.jsonl")
             _write_jsonl(docs, _documents(members, styles))
             convert_jsonl(docs, os.path.join(cfg.out, name), base_vocab=256,
                           image_tokens=encoder.image_tokens, visual_dim=encoder.visual_dim,
-                          encoder=encoder, pixels=pixels, feature_dtype="float32")
+                          encoder=encoder, pixels=True, feature_dtype="float32")
         counts[split] = {"emoji": len(members), "groups": len({r["group"] for r in members}),
                          "documents": 2 * len(STYLES) * sum(len(r["captions"]) for r in members)}
     _write_jsonl(os.path.join(cfg.out, "emoji.jsonl"),

@@ -71,18 +71,23 @@ def choose(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean(0, keepdim=True)).argmin(1)
 
 
-def _pairs(captions, feats, sp, rows, cols, image_first: bool) -> List[dict]:
+def _pairs(captions, feats, pixels, sp, rows, cols, image_first: bool) -> List[dict]:
     from megalora.umm.generate import image_sample
 
+    def pix(i):
+        return None if pixels is None else pixels[i]
+
     if image_first:  # condition = image i, candidate = caption j
-        return [image_sample([], feats[i], sp, captions[j]) for i in rows for j in cols]
-    return [image_sample(captions[i], feats[j], sp) for i in rows for j in cols]
+        return [image_sample([], feats[i], sp, captions[j], pix(i)) for i in rows for j in cols]
+    return [image_sample(captions[i], feats[j], sp, pixels=pix(j)) for i in rows for j in cols]
 
 
 def choice_and_losses(model, run, captions: List[List[int]], feats: torch.Tensor,
-                      choices: int, seed: int) -> Dict[str, float]:
+                      choices: int, seed: int,
+                      pixels: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Multiple-choice accuracies (both directions) and the per-document losses (the blocks'
-    diagonals: each emoji's own caption and image), over the emoji the blocks cover."""
+    diagonals: each emoji's own caption and image), over the emoji the blocks cover;
+    ``pixels`` [n, C, H, W]: the images' inputs for an in-loop vision encoder."""
     order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(seed))
     blocks = order[:len(order) // choices * choices].view(-1, choices).tolist()
     if not blocks:
@@ -91,10 +96,10 @@ def choice_and_losses(model, run, captions: List[List[int]], feats: torch.Tensor
     sums = dict.fromkeys(("lm", "lm_n", "caption", "caption_n", "image", "image_n"), 0.0)
     diag = torch.arange(choices)
     for block in blocks:
-        c2i = sequence_losses(model, run, _pairs(captions, feats, model.special, block, block,
-                                                 False))
-        i2c = sequence_losses(model, run, _pairs(captions, feats, model.special, block, block,
-                                                 True))
+        c2i = sequence_losses(model, run, _pairs(captions, feats, pixels, model.special, block,
+                                                 block, False))
+        i2c = sequence_losses(model, run, _pairs(captions, feats, pixels, model.special, block,
+                                                 block, True))
         mse = (c2i["image"] / c2i["image_n"]).view(choices, choices)
         ce = (i2c["caption"] / i2c["caption_n"]).view(choices, choices)
         hits["caption_to_image"] += int(choose(mse).eq(diag).sum())
@@ -116,7 +121,10 @@ def choice_and_losses(model, run, captions: List[List[int]], feats: torch.Tensor
 def score_run(run, data_dir: str, limit: int = 0, choices: int = 4, seed: int = 0,
               judge_epochs: Optional[int] = None, judge_width: Optional[int] = None) -> dict:
     """The figures above for the run ``run`` (its out_dir's adapter); ``limit``: the first N
-    test emoji only; ``judge_*``: a smaller judge than the default (quick checks)."""
+    test emoji only; ``judge_*``: a smaller judge than the default (quick checks). With an
+    in-loop vision encoder (``vision.enabled``) the images enter as pixels, and nothing is
+    generated: a generated slot is a feature, which that model cannot take as input, so
+    ``judge`` and ``generated_mse`` are None."""
     import megalora
     from megalora.umm.emojicap_eval import load_split, score_generated
     from megalora.umm.encoders import load_encoder
@@ -138,7 +146,12 @@ def score_run(run, data_dir: str, limit: int = 0, choices: int = 4, seed: int = 
     with parallel_session(run) as device:
         model, _ = build_model(run, device)
         megalora.load_adapter(model, os.path.join(run.train.out_dir, "adapter.safetensors"))
-        result = choice_and_losses(model, run, captions, feats, choices, seed)
+        vision = run.vision.enabled
+        # the datasets store pixels in float16: the encoder sees the same values it trained on
+        result = choice_and_losses(model, run, captions, feats, choices, seed,
+                                   real.half().float() if vision else None)
+        if vision:
+            return {**result, "judge": None, "generated_mse": None}
         generated = captions_to_images(model, run, captions)
     net = load_or_train(data_dir, judge_cfg, {"train": train.pairs}, train.categories,
                         len(train.category_names), progress=lambda m: None)

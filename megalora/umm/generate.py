@@ -12,7 +12,7 @@ most likely text token (byte), appended, until ``max_new`` tokens.
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -36,12 +36,18 @@ def forward_samples(model, run, samples: List[dict], seq_length: int):
     return logits, model.llm.umm_hidden.transpose(0, 1), batch
 
 
-def image_sample(prefix: List[int], features: torch.Tensor, sp, text_after=()) -> dict:
+def image_sample(prefix: List[int], features: torch.Tensor, sp, text_after=(),
+                 pixels: Optional[torch.Tensor] = None) -> dict:
+    """``prefix`` text, one image (its slot ``features`` [N, D], the targets; with an in-loop
+    vision encoder also its ``pixels`` [C, H, W], the inputs), then ``text_after``."""
     n = features.shape[0]
     tokens = list(prefix) + [sp.img_start] + [sp.img_slot] * n + [sp.img_end] + list(text_after)
     modality = ([TEXT] * len(prefix) + [IMAGE] * (n + 1) + [TEXT] + [TEXT] * len(text_after))
-    return {"tokens": torch.tensor(tokens), "modality": torch.tensor(modality),
-            "features": features}
+    sample = {"tokens": torch.tensor(tokens), "modality": torch.tensor(modality),
+              "features": features}
+    if pixels is not None:
+        sample["pixels"] = pixels.unsqueeze(0)
+    return sample
 
 
 @torch.no_grad()

@@ -11,11 +11,12 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from megalora.umm import emojicap
 from megalora.umm.data import UMMDataset
-from megalora.umm.image_docs import ByteTokenizer
+from megalora.umm.image_docs import ByteTokenizer, load_image
 from megalora.umm.tokens import SpecialTokens
 
 pytestmark = pytest.mark.slow  # fetches ~30 MB once, then builds in seconds
@@ -85,6 +86,13 @@ def test_datasets_hold_both_directions_and_styles(built):
         second = ds[1]  # image -> caption
         assert second["tokens"][0] == sp.img_start and tok.decode(
             second["tokens"][second["tokens"] < 256]) == rows[0]["captions"]["en"]
+        # one style per dataset, pixels kept (the in-loop vision encoder): the first document
+        # of train_noto carries the first emoji's Noto image, as stored (float16)
+        noto = UMMDataset.open(os.path.join(cfg.out, f"{split}_noto"), base_vocab=256,
+                               image_tokens=enc["image_tokens"], visual_dim=enc["visual_dim"])
+        want = load_image(os.path.join(cfg.out, "images", "noto", f"{rows[0]['code']}.png"),
+                          cfg.size, "test")
+        assert torch.equal(noto[0]["pixels"][0], want.half().float())
 
 
 def test_the_judge_beats_chance_on_real_held_out_images(built):

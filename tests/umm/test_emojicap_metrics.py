@@ -24,14 +24,15 @@ def _losses_worker(rank, world, run):
     from megalora.umm.session import build_model, parallel_session
 
     g = torch.Generator().manual_seed(1)
-    m = run.model
+    m, v = run.model, run.vision
     samples = []
     for i, n in enumerate((4, 9, 6, 11, 3)):
         text = torch.randint(0, m.base_vocab, (n,), generator=g).tolist()
         feats = torch.randn(m.image_tokens, m.visual_dim, generator=g)
+        pixels = torch.rand(3, v.image_size, v.image_size, generator=g) if v.enabled else None
         # odd samples image -> caption, even ones caption -> image
         samples.append(image_sample([] if i % 2 else text, feats, _special(run),
-                                    text if i % 2 else ()))
+                                    text if i % 2 else (), pixels))
     with parallel_session(run) as device:
         model, _ = build_model(run, device)
         model.eval()
@@ -51,13 +52,15 @@ def _special(run):
 
 
 @pytest.mark.slow
-def test_sequence_losses_equal_the_models_own_loss(tmp_path):
+@pytest.mark.parametrize("vision", [False, True], ids=["features", "vision_in_loop"])
+def test_sequence_losses_equal_the_models_own_loss(tmp_path, vision):
     """Summed over the samples, the per-sample figures give the model's forward losses on the
     same documents in one batch (text = lm + caption over all text targets; image per
-    element), two documents per direction with both orders of caption and image."""
+    element), two documents per direction with both orders of caption and image; with the
+    in-loop ViT each sample's image enters as its own pixels."""
     run = RunConfig.from_yaml("umm_tiny", [
         "parallel.tensor_parallel=1", "parallel.sequence_parallel=false",
-        f"train.out_dir={tmp_path}", "lora.init_b=gaussian"])
+        f"train.out_dir={tmp_path}", "lora.init_b=gaussian", f"vision.enabled={vision}"])
     mine, ref = run_distributed(1, _losses_worker, (run,))[0]
     n_text = float(mine["lm_n"].sum() + mine["caption_n"].sum())
     assert float(mine["lm_n"].sum()) > 0 and float(mine["caption_n"].sum()) > 0
@@ -102,3 +105,24 @@ def test_intervals_match_scipys_t_test():
     assert (out["diff"] - out["diff_ci"], out["diff"] + out["diff_ci"]) == pytest.approx(
         (lo, hi), rel=1e-9)
     assert out["rel"] == pytest.approx(-0.03 / np.mean(x))
+
+
+def test_choice_pairs_keep_each_images_pixels_with_its_features():
+    from megalora.umm.emojicap_metrics import _pairs
+
+    sp = _special(RunConfig.from_yaml("umm_tiny"))
+    captions = [[1, 2], [3], [4, 5, 6]]
+    feats = torch.arange(3.0).view(3, 1, 1).expand(3, 2, 4)  # image k's features are all k
+    pixels = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 4, 4)
+    for image_first in (False, True):
+        samples = _pairs(captions, feats, pixels, sp, [0, 2], [1, 2], image_first)
+        assert len(samples) == 4
+        for s in samples:
+            assert s["pixels"].shape == (1, 3, 4, 4)
+            assert float(s["pixels"].unique()) == float(s["features"].unique())
+    # caption i then candidate image j: the image is j; image i then candidate caption j: i
+    c2i = _pairs(captions, feats, pixels, sp, [0], [2], False)[0]
+    i2c = _pairs(captions, feats, pixels, sp, [0], [2], True)[0]
+    assert float(c2i["pixels"].max()) == 2.0 and c2i["tokens"][:2].tolist() == [1, 2]
+    assert float(i2c["pixels"].max()) == 0.0 and i2c["tokens"][-3:].tolist() == [4, 5, 6]
+    assert "pixels" not in _pairs(captions, feats, None, sp, [0], [1], True)[0]
