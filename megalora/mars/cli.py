@@ -30,7 +30,8 @@ class MarsConfig:
     probe_vision_ranks: List[int] = field(default_factory=lambda: [1, 8])
     probe_llm_ranks: List[int] = field(default_factory=lambda: [2, 16])
     probe_samples: List[int] = field(default_factory=lambda: [32, 64, 128])
-    """Data sizes (synthetic training samples) of the probes; the full size is the config's."""
+    """Data sizes (training samples: synthetic ones, or a subset of the dataset) of the probes;
+    the full size is the config's."""
     probe_steps: int = 30
     """Steps per probe (convergence times beyond it are censored)."""
     probe_batch: Optional[int] = None
@@ -79,9 +80,12 @@ def check_base(run) -> None:
     if not run.vision.enabled:
         raise ValueError("rank-search chooses a vision rank and an LLM rank: enable the in-loop "
                          "vision encoder (vision.enabled=true)")
-    if run.data.path or not run.data.eval_samples:
+    if run.data.path and not run.data.eval_path:
+        raise ValueError("rank-search needs held-out data for the probes' loss: with data.path "
+                         "set data.eval_path too")
+    if not run.data.path and not run.data.eval_samples:
         raise ValueError("rank-search needs held-out data for the probes' loss: synthetic data "
-                         "with data.eval_samples > 0 (a dataset path has no held-out split yet)")
+                         "with data.eval_samples > 0")
 
 
 def search(cfg: MarsConfig, base: dict, progress=print) -> dict:
@@ -91,9 +95,9 @@ def search(cfg: MarsConfig, base: dict, progress=print) -> dict:
     from megalora.atomic import atomic_write_bytes
     from megalora.mars import plot
     from megalora.mars import search as s
-    from megalora.mars.probes import run_probes
+    from megalora.mars.probes import data_size, run_probes
 
-    full = base["data"]["synthetic_samples"]
+    full = data_size(base)
     budget = s.budget_from(cfg.budget, base)
     records = run_probes(cfg.probe_specs(), base, cfg.out, jobs=cfg.jobs, every=cfg.every,
                          fraction=cfg.fraction, progress=progress)

@@ -73,7 +73,11 @@ def probe_overrides(base: dict, r_v: int, r_l: int, samples: int, steps: int, ou
                                                        lora.get("alpha_pattern", {}).items()
                                                        if k != "vision.*"}}
     run["parallel"] = {"tensor_parallel": 1, "pipeline_parallel": 1, "sequence_parallel": False}
-    run["data"]["synthetic_samples"] = samples
+    if run["data"].get("path"):  # a dataset: a subset of it (all of it at full size)
+        if samples < data_size(base):
+            run["data"]["max_samples"] = samples
+    else:
+        run["data"]["synthetic_samples"] = samples
     t = run["train"]
     if lr:
         t["lr"] = lr
@@ -82,6 +86,21 @@ def probe_overrides(base: dict, r_v: int, r_l: int, samples: int, steps: int, ou
     if micro_batch_size:
         t["micro_batch_size"] = micro_batch_size
     return run
+
+
+def data_size(base: dict) -> int:
+    """The training-set size of the run config dict ``base``: its synthetic sample count, or
+    its dataset's (``data.max_samples`` when set): the data size D of MARS's laws."""
+    d, m = base["data"], base["model"]
+    if not d.get("path"):
+        return int(d["synthetic_samples"])
+    if d.get("max_samples"):
+        return int(d["max_samples"])
+    from megalora.umm.data import UMMDataset
+
+    return len(UMMDataset.open(d["path"], base_vocab=m["base_vocab"],
+                               image_tokens=m["image_tokens"], visual_dim=m["visual_dim"],
+                               verify=False))
 
 
 def weighted_loss(run, scalars: dict) -> float:

@@ -83,11 +83,11 @@ def fit_probes(records: Sequence[dict]) -> Fits:
 def adapter_parameters(base: dict, r_v: int, r_l: int) -> int:
     """Trainable adapter parameters of ``base`` with the LLM at r_l and the vision encoder at
     r_v (exact: ``megalora plan``'s counts equal built models')."""
-    from megalora.mars.probes import probe_overrides
+    from megalora.mars.probes import data_size, probe_overrides
     from megalora.umm.config import RunConfig
     from megalora.umm.plan import stage_counts
 
-    cfg = probe_overrides(base, r_v, r_l, base["data"]["synthetic_samples"], 1, "/nonexistent")
+    cfg = probe_overrides(base, r_v, r_l, data_size(base), 1, "/nonexistent")
     return stage_counts(RunConfig.from_dict(cfg), tp=1, pp=1, stage=0).lora
 
 
@@ -195,9 +195,9 @@ def budget_from(spec: str, base: dict) -> int:
 
 def rank_config(base: dict, r_v: int, r_l: int) -> dict:
     """The base run config with the chosen ranks: what ``megalora train --config`` takes."""
-    from megalora.mars.probes import probe_overrides
+    from megalora.mars.probes import data_size, probe_overrides
 
-    chosen = probe_overrides(base, r_v, r_l, base["data"]["synthetic_samples"],
+    chosen = probe_overrides(base, r_v, r_l, data_size(base),
                              base["train"]["steps"], base["train"]["out_dir"])
     out = json.loads(json.dumps(base))
     out["lora"] = chosen["lora"]  # only the ranks and alphas change; layout, data, train stay

@@ -170,9 +170,16 @@ class DataConfig:
     """Held-out synthetic samples (a different seed) for evaluation."""
     eval_path: Optional[str] = None
     """Held-out dataset directory (with ``path``): evaluated in order, never trained on."""
+    max_samples: int = 0
+    """With ``path``: train on this many of its samples only (the first of a permutation
+    seeded by ``seed``, held in memory), 0 for all. MARS's probes vary the data size with it."""
 
     def validate(self, model: UMMModelConfig) -> None:
         _positive("data", self, "seq_length")
+        if not isinstance(self.max_samples, int) or isinstance(self.max_samples, bool) \
+                or self.max_samples < 0:
+            raise ValueError(f"data.max_samples must be an int >= 0 (0: all), got "
+                             f"{self.max_samples!r}")
         if self.path is None:
             _positive("data", self, "synthetic_samples")
         if not isinstance(self.eval_samples, int) or isinstance(self.eval_samples, bool) \

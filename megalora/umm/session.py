@@ -86,6 +86,8 @@ def build_datasets(run: RunConfig):
     pixels = dict(with_pixels=run.vision.enabled, pixel_size=run.vision.image_size)
     if d.path:
         train = UMMDataset.open(d.path, **dims)
+        if d.max_samples:
+            train = subset(train, d.max_samples, d.seed, dims)
     else:
         train = UMMDataset.from_samples(synthetic_samples(SyntheticSpec(
             num_samples=d.synthetic_samples, seq_length=d.seq_length, seed=d.seed, **dims,
@@ -98,6 +100,19 @@ def build_datasets(run: RunConfig):
             num_samples=d.eval_samples, seq_length=d.seq_length, seed=d.seed + 1_000_003,
             **dims, **pixels)), **dims)
     return train, held_out
+
+
+def subset(dataset, n: int, seed: int, dims: dict):
+    """``n`` samples of ``dataset`` (the first of a permutation seeded by ``seed``; so a smaller
+    n is a subset of a larger one), in memory."""
+    from megalora.errors import UsageError
+    from megalora.umm.data import UMMDataset
+
+    if n > len(dataset):
+        raise UsageError(f"data.max_samples={n} but {dataset.path} holds {len(dataset)} "
+                         f"samples: lower it, or 0 for all")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return UMMDataset.from_samples([dataset[int(i)] for i in order[:n]], **dims)
 
 
 def build_streams(run: RunConfig, train, held_out):
