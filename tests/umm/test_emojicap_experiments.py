@@ -106,3 +106,40 @@ def test_hydra_emojicap_reduced(built, base, tmp_path):
     final = RunConfig.from_yaml(str(tmp_path / "hydra_s0" / "hydra_ranks.yaml"))
     assert final.lora.rank_pattern  # the exported allocation, trained from the start
     assert "| final |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def vision_base(built, tmp_path_factory):
+    cfg, _, _ = built
+    out = tmp_path_factory.mktemp("vision_base")
+    run = RunConfig.from_yaml("emojicap_vision_base", [
+        f"data.path={cfg.out}/train_emojione", f"data.eval_path={cfg.out}/test_emojione",
+        "train.steps=6", f"train.out_dir={out}", "train.save_every=0",
+        "train.tensorboard=false", *SMALL])
+    return run_distributed(1, _pretrain_worker, (run,))[0]["base"]
+
+
+def test_mars_emojicap_reduced(built, vision_base, tmp_path):
+    import mars_emojicap
+
+    cfg, _, _ = built
+    args = ["--data", cfg.out, "--base", vision_base, "--steps", "3", "--seeds", "0", "1",
+            "--ranks", "1", "2", "--budget", "uniform:2", "--probe-steps", "6", "--every", "2",
+            "--probe-samples", "16", "48", "--probe-batch", "2", "--eval-limit", "16",
+            "--out", str(tmp_path), *SMALL]
+    assert mars_emojicap.main(args) == 0
+    res = json.load(open(tmp_path / "results.json"))
+    assert set(res["scored"]) == {f"rv{a}_rl{b}_s{s}" for a in (1, 2) for b in (1, 2)
+                                  for s in (0, 1)}
+    for key, run in res["scored"].items():
+        # the encoder is in the loop: images entered as pixels, nothing was generated
+        assert run["judge"] is None and 0 <= run["choice_image_to_caption"] <= 1, key
+    # the probes trained on subsets of the Noto training set, the grid on all of it
+    probes = res["search"]["probes"]
+    assert {p["samples"] for p in probes} == {16, 48} and len(probes) == 8
+    assert {tuple(p) for p in res["pairs"]} == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    assert tuple(res["choice"]) in {tuple(p) for p in res["pairs"]}
+    assert res["mars_cost"]["steps"] == 8 * 6 + 3
+    md = (tmp_path / "results.md").read_text()
+    assert "image→caption choice" in md and "(MARS)" in md and "(grid best)" in md
+    assert (tmp_path / "mars" / "laws.png").stat().st_size > 0

@@ -1,0 +1,102 @@
+"""Shared by the MARS experiments: a full grid of (vision rank, LLM rank) runs against MARS's
+probes, search and one full run of its pair, with both costs (optimizer steps, sequences, CPU
+seconds) and the gap of MARS's pair to the grid's best within the budget."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from typing import Dict, Sequence
+
+from _runs import train_many
+
+
+def grid_runs(base: dict, ranks: Sequence[int], seeds: Sequence[int], out: str) -> list:
+    """One run config per (vision rank, LLM rank, seed): the base at those ranks (alpha = 2r),
+    train.seed and data.seed = seed."""
+    from megalora.mars import search as s
+
+    runs = []
+    for rv in ranks:
+        for rl in ranks:
+            for seed in seeds:
+                cfg = s.rank_config(base, rv, rl)
+                cfg["train"].update(seed=seed, out_dir=os.path.join(out, f"rv{rv}_rl{rl}_s{seed}"))
+                cfg["data"]["seed"] = seed
+                runs.append((f"rv{rv}_rl{rl}_s{seed}", cfg))
+    return runs
+
+
+def compare(base: dict, ranks: Sequence[int], seeds: Sequence[int], mars_cfg, out: str,
+            jobs: int) -> Dict:
+    """Train the grid (cached), run MARS (probes cached), and put them side by side."""
+    from megalora.mars import search as s
+    from megalora.mars.cli import search
+
+    budget = s.budget_from(mars_cfg.budget, base)
+    tick = time.time()
+    grid = train_many(grid_runs(base, ranks, seeds, os.path.join(out, "full")),
+                      os.path.join(out, "full"), jobs)
+    grid_wall = time.time() - tick
+    pairs = [(rv, rl) for rv in ranks for rl in ranks]
+    params = {pr: s.adapter_parameters(base, *pr) for pr in pairs}
+    loss = {pr: statistics.mean(grid[f"rv{pr[0]}_rl{pr[1]}_s{x}"]["loss"] for x in seeds)
+            for pr in pairs}
+    tick = time.time()
+    result = search(mars_cfg, base, progress=lambda m: print(m, file=sys.stderr))
+    mars_wall = time.time() - tick
+    choice = (result["choice"]["r_v"], result["choice"]["r_l"])
+    best = min((pr for pr in pairs if params[pr] <= budget), key=lambda pr: loss[pr])
+    # MARS's own cost: its probes and one full run of its pair (the grid's first seed)
+    final = grid[f"rv{choice[0]}_rl{choice[1]}_s{seeds[0]}"]
+    kinds = ("steps", "sequences", "cpu_seconds")
+    grid_cost = {k: sum(g[k] for g in grid.values()) for k in kinds}
+    mars_cost = {k: result[f"probe_{k}"] + final[k] for k in kinds}
+    return {"budget": budget, "pairs": pairs, "params": params, "loss": loss, "grid": grid,
+            "best": best, "choice": choice, "gap": loss[choice] / loss[best] - 1,
+            "search": result, "grid_cost": grid_cost, "mars_cost": mars_cost,
+            "grid_wall": grid_wall, "mars_wall": mars_wall, "seeds": list(seeds)}
+
+
+def _law(search: dict, name: str) -> str:
+    law = search.get(name)
+    if not law:
+        return f"{name}: not fitted ({search['convergence_problems'].get(name, '')})"
+    q = law.get("quality") or {}
+    values = ", ".join(f"{k} {v:.3g}" for k, v in law.items() if isinstance(v, (int, float)))
+    return f"{name}: {values}; R^2 {q.get('r2', float('nan')):.3f}"
+
+
+def markdown(res: Dict, extra: Dict[str, Dict] = None) -> str:
+    """The grid (held-out loss per pair, mean over seeds, and any ``extra`` columns: title ->
+    pair -> value), MARS's pair and fits, and both costs."""
+    extra = extra or {}
+    head = "| r_v | r_l | adapter parameters | held-out loss | " + \
+        "".join(f"{t} | " for t in extra) + "within budget |"
+    lines = [head, "|---" * (5 + len(extra)) + "|"]
+    for pr in res["pairs"]:
+        mark = " (MARS)" if pr == res["choice"] else ""
+        mark += " (grid best)" if pr == res["best"] else ""
+        cells = "".join(f"{extra[t][pr]:.4f} | " for t in extra)
+        lines.append(f"| {pr[0]} | {pr[1]} | {res['params'][pr]:,} | {res['loss'][pr]:.4f}{mark}"
+                     f" | {cells}{'yes' if res['params'][pr] <= res['budget'] else 'no'} |")
+    sr, g, m = res["search"], res["grid_cost"], res["mars_cost"]
+    lines += ["", f"Budget {res['budget']:,} adapter parameters; seeds {res['seeds']} (losses "
+              "are their mean).",
+              f"Grid's best within the budget: r_v={res['best'][0]}, r_l={res['best'][1]}, "
+              f"held-out {res['loss'][res['best']]:.4f}.",
+              f"MARS: r_v={res['choice'][0]}, r_l={res['choice'][1]}, held-out "
+              f"{res['loss'][res['choice']]:.4f} ({res['gap']:+.2%} vs the grid's best); "
+              f"{sr['choice']['why']}.",
+              f"Laws: {_law(sr, 'performance')}. {_law(sr, 'vision')}. {_law(sr, 'llm')}.", "",
+              "| | optimizer steps | sequences | CPU s | wall s |", "|---|---|---|---|---|",
+              f"| grid | {g['steps']:,} | {g['sequences']:,} | {g['cpu_seconds']:.0f} | "
+              f"{res['grid_wall']:.0f} |",
+              f"| MARS (probes + one full run) | {m['steps']:,} | {m['sequences']:,} | "
+              f"{m['cpu_seconds']:.0f} | {res['mars_wall']:.0f} |", "",
+              f"MARS is {g['sequences'] / m['sequences']:.1f}x cheaper in sequences, "
+              f"{g['steps'] / m['steps']:.1f}x in steps, "
+              f"{g['cpu_seconds'] / m['cpu_seconds']:.1f}x in CPU time."]
+    return "\n".join(lines) + "\n"
