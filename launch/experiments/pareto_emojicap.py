@@ -47,10 +47,12 @@ VARIANTS = {
     "pareto_model": ["pareto.mode=exact", "pareto.groups=model", "pareto.rule=pareto"],
     "pareto_norestore": [*EXACT, "pareto.rule=pareto", "pareto.restore=false"],
     "pareto_conflict": [*EXACT, "pareto.rule=pareto", "pareto.conflict=-0.05"],
+    # no Pareto machinery at all: the reference of the step-time table (--timing)
+    "off": ["pareto.mode=off"],
 }
 """The variants: overrides of the LoRA recipe (launch/configs/emojicap_tiny.yaml)."""
-MAIN = [v for v in VARIANTS if not v.startswith("pareto_")]
-"""What runs by default (the ablations are asked for by name)."""
+MAIN = [v for v in VARIANTS if not v.startswith("pareto_") and v != "off"]
+"""What runs by default (the ablations and ``off`` are asked for by name)."""
 
 
 def check_inputs(args) -> None:
