@@ -184,21 +184,24 @@ def main(argv=None) -> int:
 
 def timing(out: str, variants, seeds, trained: dict) -> int:
     """timing.md: each variant's mean wall and CPU seconds per step (one process, one thread,
-    nothing else running), against the first variant's."""
-    import platform
+    nothing else running), against the first variant's; with the command, commit, machine."""
+    from _report import provenance
 
     ref = next(iter(variants))
 
     def mean(v, k):
         return statistics.mean(trained[f"{v}_s{s}"][k] for s in seeds)
 
+    info = provenance(" ".join(sys.argv))
     lines = [f"Step time, {len(seeds)} seed(s) x {trained[f'{ref}_s{seeds[0]}']['steps']} steps "
-             f"per variant, one run at a time, one thread ({platform.processor() or 'cpu'}, "
-             f"{os.cpu_count()} cores)", "",
+             "per variant, one run at a time, one thread", "",
              f"| variant | wall s/step | CPU s/step | CPU vs {ref} |", "|---|---|---|---|"]
     for v in variants:
         lines.append(f"| {v} | {mean(v, 'step_seconds'):.3f} | {mean(v, 'step_cpu_seconds'):.3f} "
                      f"| {mean(v, 'step_cpu_seconds') / mean(ref, 'step_cpu_seconds'):.2f}x |")
+    lines += ["", f"`{info['command']}` at commit {info['commit']}"
+              f"{' (uncommitted changes)' if info['dirty'] else ''}; {info['machine']}; torch "
+              f"{info['torch']}; {info['date']}."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "timing.md"), "w") as fh:
         fh.write(text)
