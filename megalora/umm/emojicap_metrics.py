@@ -71,7 +71,10 @@ def choose(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean(0, keepdim=True)).argmin(1)
 
 
-def _pairs(captions, feats, pixels, sp, rows, cols, image_first: bool) -> List[dict]:
+def choice_samples(captions, feats, pixels, sp, rows, cols, image_first: bool) -> List[dict]:
+    """The documents of one block: every (condition row, candidate column) pair, image first
+    (image i, then caption j) or caption first (caption i, then image j); ``pixels`` (or None)
+    go with their image."""
     from megalora.umm.generate import image_sample
 
     def pix(i):
@@ -96,10 +99,10 @@ def choice_and_losses(model, run, captions: List[List[int]], feats: torch.Tensor
     sums = dict.fromkeys(("lm", "lm_n", "caption", "caption_n", "image", "image_n"), 0.0)
     diag = torch.arange(choices)
     for block in blocks:
-        c2i = sequence_losses(model, run, _pairs(captions, feats, pixels, model.special, block,
-                                                 block, False))
-        i2c = sequence_losses(model, run, _pairs(captions, feats, pixels, model.special, block,
-                                                 block, True))
+        c2i = sequence_losses(model, run, choice_samples(captions, feats, pixels, model.special,
+                                                         block, block, False))
+        i2c = sequence_losses(model, run, choice_samples(captions, feats, pixels, model.special,
+                                                         block, block, True))
         mse = (c2i["image"] / c2i["image_n"]).view(choices, choices)
         ce = (i2c["caption"] / i2c["caption_n"]).view(choices, choices)
         hits["caption_to_image"] += int(choose(mse).eq(diag).sum())

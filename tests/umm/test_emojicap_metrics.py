@@ -108,21 +108,21 @@ def test_intervals_match_scipys_t_test():
 
 
 def test_choice_pairs_keep_each_images_pixels_with_its_features():
-    from megalora.umm.emojicap_metrics import _pairs
+    from megalora.umm.emojicap_metrics import choice_samples
 
     sp = _special(RunConfig.from_yaml("umm_tiny"))
     captions = [[1, 2], [3], [4, 5, 6]]
     feats = torch.arange(3.0).view(3, 1, 1).expand(3, 2, 4)  # image k's features are all k
     pixels = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 4, 4)
     for image_first in (False, True):
-        samples = _pairs(captions, feats, pixels, sp, [0, 2], [1, 2], image_first)
+        samples = choice_samples(captions, feats, pixels, sp, [0, 2], [1, 2], image_first)
         assert len(samples) == 4
         for s in samples:
             assert s["pixels"].shape == (1, 3, 4, 4)
             assert float(s["pixels"].unique()) == float(s["features"].unique())
     # caption i then candidate image j: the image is j; image i then candidate caption j: i
-    c2i = _pairs(captions, feats, pixels, sp, [0], [2], False)[0]
-    i2c = _pairs(captions, feats, pixels, sp, [0], [2], True)[0]
+    c2i = choice_samples(captions, feats, pixels, sp, [0], [2], False)[0]
+    i2c = choice_samples(captions, feats, pixels, sp, [0], [2], True)[0]
     assert float(c2i["pixels"].max()) == 2.0 and c2i["tokens"][:2].tolist() == [1, 2]
     assert float(i2c["pixels"].max()) == 0.0 and i2c["tokens"][-3:].tolist() == [4, 5, 6]
-    assert "pixels" not in _pairs(captions, feats, None, sp, [0], [1], True)[0]
+    assert "pixels" not in choice_samples(captions, feats, None, sp, [0], [1], True)[0]
