@@ -56,5 +56,5 @@ def test_mars_tiny_reduced(tmp_path, capsys):
     out = capsys.readouterr().out
     pick = re.search(r"MARS: r_v=(\d+), r_l=(\d+)", out)
     assert pick and {int(pick[1]), int(pick[2])} <= {1, 2}
-    assert "grid's best within the budget" in out and "cheaper in sequences" in out
+    assert "Grid's best within the budget" in out and "cheaper in sequences" in out
     assert (tmp_path / "results.md").exists()
