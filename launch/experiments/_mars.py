@@ -31,14 +31,15 @@ def grid_runs(base: dict, ranks: Sequence[int], seeds: Sequence[int], out: str) 
 
 def compare(base: dict, ranks: Sequence[int], seeds: Sequence[int], mars_cfg, out: str,
             jobs: int) -> Dict:
-    """Train the grid (cached), run MARS (probes cached), and put them side by side."""
+    """Train the grid (cached), run MARS (probes cached), and put them side by side; ``runs``:
+    the grid's (key, config) pairs."""
     from megalora.mars import search as s
     from megalora.mars.cli import search
 
     budget = s.budget_from(mars_cfg.budget, base)
     tick = time.time()
-    grid = train_many(grid_runs(base, ranks, seeds, os.path.join(out, "full")),
-                      os.path.join(out, "full"), jobs)
+    runs = grid_runs(base, ranks, seeds, os.path.join(out, "full"))
+    grid = train_many(runs, os.path.join(out, "full"), jobs)
     grid_wall = time.time() - tick
     pairs = [(rv, rl) for rv in ranks for rl in ranks]
     params = {pr: s.adapter_parameters(base, *pr) for pr in pairs}
@@ -54,7 +55,8 @@ def compare(base: dict, ranks: Sequence[int], seeds: Sequence[int], mars_cfg, ou
     kinds = ("steps", "sequences", "cpu_seconds")
     grid_cost = {k: sum(g[k] for g in grid.values()) for k in kinds}
     mars_cost = {k: result[f"probe_{k}"] + final[k] for k in kinds}
-    return {"budget": budget, "pairs": pairs, "params": params, "loss": loss, "grid": grid,
+    return {"budget": budget, "runs": runs, "pairs": pairs, "params": params, "loss": loss,
+            "grid": grid,
             "best": best, "choice": choice, "gap": loss[choice] / loss[best] - 1,
             "search": result, "grid_cost": grid_cost, "mars_cost": mars_cost,
             "grid_wall": grid_wall, "mars_wall": mars_wall, "seeds": list(seeds)}

@@ -135,6 +135,13 @@ def provenance(command: str) -> dict:
                                                                time.gmtime())}
 
 
+def provenance_line(info: dict) -> str:
+    """``provenance``'s record as the line that ends a results file."""
+    return (f"`{info['command']}` at commit {info['commit']}"
+            f"{' (uncommitted changes)' if info['dirty'] else ''}; {info['machine']}; torch "
+            f"{info['torch']}; {info['date']}.")
+
+
 def write_report(out: str, variants, seeds, trained: dict, scored: dict, reference: str,
                  title: str, command: str, plot_keys=("image_mse", "text_ce"),
                  metrics=METRICS) -> dict:
@@ -147,9 +154,7 @@ def write_report(out: str, variants, seeds, trained: dict, scored: dict, referen
         json.dump({"provenance": info, "seeds": list(seeds), "runs": records,
                    "summary": summary}, fh, indent=1)
     text = markdown(summary, reference, seeds, title, metrics)
-    text += (f"\n`{info['command']}` at commit {info['commit']}"
-             f"{' (uncommitted changes)' if info['dirty'] else ''}; {info['machine']}; torch "
-             f"{info['torch']}; {info['date']}.\n")
+    text += f"\n{provenance_line(info)}\n"
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write(text)
     plot_differences(summary, reference, plot_keys, os.path.join(out, "differences.png"),

@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 
-from _mars import compare, grid_runs, markdown
+from _mars import compare, markdown
 from _runs import evaluate_many
 from mars_tiny import add_mars_arguments, mars_config
 from pareto_emojicap import check_inputs, recipe_overrides
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     res = compare(base, args.ranks, args.seeds, mars_config(args, args.out), args.out,
                   args.jobs)
     full = os.path.join(args.out, "full")
-    scored = evaluate_many(grid_runs(base, args.ranks, args.seeds, full), full, args.jobs,
+    scored = evaluate_many(res["runs"], full, args.jobs,
                            "megalora.umm.emojicap_metrics:score_run", data_dir=args.data,
                            limit=args.eval_limit, choices=args.choices)
     extra = {title: {pr: statistics.mean(scored[f"rv{pr[0]}_rl{pr[1]}_s{s}"][key]
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.md"), "w") as fh:
         fh.write(f"## MARS vs the grid on EmojiCap (vision encoder in the loop)\n\n{text}\n"
                  f"`{' '.join(sys.argv)}`\n")
-    record = {k: v for k, v in res.items() if k not in ("params", "loss")}
+    record = {k: v for k, v in res.items() if k not in ("params", "loss", "runs")}
     record.update(params={f"{a},{b}": v for (a, b), v in res["params"].items()},
                   loss={f"{a},{b}": v for (a, b), v in res["loss"].items()}, scored=scored)
     with open(os.path.join(args.out, "results.json"), "w") as fh:

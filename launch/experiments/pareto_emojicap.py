@@ -185,7 +185,7 @@ def main(argv=None) -> int:
 def timing(out: str, variants, seeds, trained: dict) -> int:
     """timing.md: each variant's mean wall and CPU seconds per step (one process, one thread,
     nothing else running), against the first variant's; with the command, commit, machine."""
-    from _report import provenance
+    from _report import provenance, provenance_line
 
     ref = next(iter(variants))
 
@@ -199,9 +199,7 @@ def timing(out: str, variants, seeds, trained: dict) -> int:
     for v in variants:
         lines.append(f"| {v} | {mean(v, 'step_seconds'):.3f} | {mean(v, 'step_cpu_seconds'):.3f} "
                      f"| {mean(v, 'step_cpu_seconds') / mean(ref, 'step_cpu_seconds'):.2f}x |")
-    lines += ["", f"`{info['command']}` at commit {info['commit']}"
-              f"{' (uncommitted changes)' if info['dirty'] else ''}; {info['machine']}; torch "
-              f"{info['torch']}; {info['date']}."]
+    lines += ["", provenance_line(info)]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "timing.md"), "w") as fh:
         fh.write(text)
