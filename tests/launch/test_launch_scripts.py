@@ -224,7 +224,9 @@ WORKER = textwrap.dedent("""
     if os.environ["RANK"] == "0" and os.environ["REPORT"] == "1":
         with open(os.environ["MEGALORA_PREEMPT_FILE"], "w") as f:
             f.write("40\\n")
-    print("worker", os.environ["RANK"], "saved and exits 0", flush=True)
+    # one write(2) per line: print() in unbuffered mode wrote the pieces one by one and the
+    # two workers' lines interleaved in the shared log ("workerworker 0  saved ...", CI stop 24)
+    os.write(1, ("worker " + os.environ["RANK"] + " saved and exits 0\\n").encode())
 """)
 
 
