@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 from typing import Dict, Sequence
 
 from _runs import train_many
@@ -37,17 +36,13 @@ def compare(base: dict, ranks: Sequence[int], seeds: Sequence[int], mars_cfg, ou
     from megalora.mars.cli import search
 
     budget = s.budget_from(mars_cfg.budget, base)
-    tick = time.time()
     runs = grid_runs(base, ranks, seeds, os.path.join(out, "full"))
     grid = train_many(runs, os.path.join(out, "full"), jobs)
-    grid_wall = time.time() - tick
     pairs = [(rv, rl) for rv in ranks for rl in ranks]
     params = {pr: s.adapter_parameters(base, *pr) for pr in pairs}
     loss = {pr: statistics.mean(grid[f"rv{pr[0]}_rl{pr[1]}_s{x}"]["loss"] for x in seeds)
             for pr in pairs}
-    tick = time.time()
     result = search(mars_cfg, base, progress=lambda m: print(m, file=sys.stderr))
-    mars_wall = time.time() - tick
     choice = (result["choice"]["r_v"], result["choice"]["r_l"])
     best = min((pr for pr in pairs if params[pr] <= budget), key=lambda pr: loss[pr])
     # MARS's own cost: its probes and one full run of its pair (the grid's first seed)
@@ -59,7 +54,7 @@ def compare(base: dict, ranks: Sequence[int], seeds: Sequence[int], mars_cfg, ou
             "grid": grid,
             "best": best, "choice": choice, "gap": loss[choice] / loss[best] - 1,
             "search": result, "grid_cost": grid_cost, "mars_cost": mars_cost,
-            "grid_wall": grid_wall, "mars_wall": mars_wall, "seeds": list(seeds)}
+            "seeds": list(seeds)}
 
 
 def _law(search: dict, name: str) -> str:
@@ -68,7 +63,22 @@ def _law(search: dict, name: str) -> str:
         return f"{name}: not fitted ({search['convergence_problems'].get(name, '')})"
     q = law.get("quality") or {}
     values = ", ".join(f"{k} {v:.3g}" for k, v in law.items() if isinstance(v, (int, float)))
-    return f"{name}: {values}; R^2 {q.get('r2', float('nan')):.3f}"
+    text = f"{name}: {values}; R^2 {q.get('r2', float('nan')):.3f}"
+    if name == "performance":
+        text += f" ({exponents_note(law)})"
+    return text
+
+
+def exponents_note(law: dict) -> str:
+    """Which of the performance law's exponents sit at a bound of ``EXPONENT_BOUNDS`` (within a
+    relative 1e-3 of it: the fit then did not pin that exponent down) and which lie inside."""
+    from megalora.mars.laws import EXPONENT_BOUNDS
+
+    lo, hi = EXPONENT_BOUNDS
+    at = [k for k in ("a_v", "a_l", "b") if law[k] <= lo * 1.001 or law[k] >= hi * 0.999]
+    inside = [k for k in ("a_v", "a_l", "b") if k not in at]
+    return (f"exponents inside ({lo:g}, {hi:g}): {', '.join(inside) or 'none'}; at a bound: "
+            f"{', '.join(at) or 'none'}")
 
 
 def markdown(res: Dict, extra: Dict[str, Dict] = None) -> str:
@@ -93,11 +103,11 @@ def markdown(res: Dict, extra: Dict[str, Dict] = None) -> str:
               f"{res['loss'][res['choice']]:.4f} ({res['gap']:+.2%} vs the grid's best); "
               f"{sr['choice']['why']}.",
               f"Laws: {_law(sr, 'performance')}. {_law(sr, 'vision')}. {_law(sr, 'llm')}.", "",
-              "| | optimizer steps | sequences | CPU s | wall s |", "|---|---|---|---|---|",
-              f"| grid | {g['steps']:,} | {g['sequences']:,} | {g['cpu_seconds']:.0f} | "
-              f"{res['grid_wall']:.0f} |",
+              # CPU seconds summed over runs: wall time depends on --jobs and on the caches
+              "| | optimizer steps | sequences | CPU s |", "|---|---|---|---|",
+              f"| grid | {g['steps']:,} | {g['sequences']:,} | {g['cpu_seconds']:.0f} |",
               f"| MARS (probes + one full run) | {m['steps']:,} | {m['sequences']:,} | "
-              f"{m['cpu_seconds']:.0f} | {res['mars_wall']:.0f} |", "",
+              f"{m['cpu_seconds']:.0f} |", "",
               f"MARS is {g['sequences'] / m['sequences']:.1f}x cheaper in sequences, "
               f"{g['steps'] / m['steps']:.1f}x in steps, "
               f"{g['cpu_seconds'] / m['cpu_seconds']:.1f}x in CPU time."]

@@ -14,6 +14,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from scipy import stats
 
+from megalora.atomic import atomic_write, atomic_write_bytes
+
 METRICS: List[Tuple[str, str, str]] = [
     # (key in a run's merged record, column title, which way is better)
     ("image_mse", "image MSE", "lower"),
@@ -115,8 +117,20 @@ def plot_differences(summary: dict, reference: str, keys: Sequence[str], path: s
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # long decimals must not collide
         ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
+
+
+def write_text(path: str, text: str) -> None:
+    """``text`` to ``path`` atomically: an interrupted run leaves the old report or the new one,
+    never half a table."""
+    atomic_write_bytes(path, text.encode())
+
+
+def save_figure(fig, path: str, **kwargs) -> None:
+    """``fig.savefig`` to ``path`` atomically (the format from ``path``'s suffix)."""
+    fmt = os.path.splitext(path)[1].lstrip(".") or None
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
 
 
 def provenance(command: str) -> dict:
@@ -150,13 +164,12 @@ def write_report(out: str, variants, seeds, trained: dict, scored: dict, referen
     records = {k: {**trained[k], **scored.get(k, {})} for k in trained}
     summary = summarise(records, list(variants), seeds, reference, metrics)
     info = provenance(command)
-    with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump({"provenance": info, "seeds": list(seeds), "runs": records,
-                   "summary": summary}, fh, indent=1)
+    write_text(os.path.join(out, "results.json"),
+               json.dumps({"provenance": info, "seeds": list(seeds), "runs": records,
+                           "summary": summary}, indent=1))
     text = markdown(summary, reference, seeds, title, metrics)
     text += f"\n{provenance_line(info)}\n"
-    with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write(text)
+    write_text(os.path.join(out, "results.md"), text)
     plot_differences(summary, reference, plot_keys, os.path.join(out, "differences.png"),
                      metrics)
     print(text)

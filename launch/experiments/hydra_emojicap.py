@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from _report import write_report
+from _report import write_report, write_text
 from _runs import grid, train_many
 from pareto_emojicap import add_recipe_arguments, check_inputs, recipe_overrides, score_all
 
@@ -73,8 +73,9 @@ def params_line(out: str, names, seeds, trained: dict, rank: int) -> None:
     params = {n: sorted({trained[f"{n}_s{s}"]["hydra_params"] for s in seeds} - {None})
               for n in names}
     line = f"\nAdapter parameters HyDRA ended with (budget = uniform rank {rank}): {params}\n"
-    with open(os.path.join(out, "results.md"), "a") as fh:
-        fh.write(line)
+    path = os.path.join(out, "results.md")
+    with open(path) as fh:
+        write_text(path, fh.read() + line)
     print(line)
 
 

@@ -24,6 +24,7 @@ import statistics
 import sys
 
 from _mars import compare, markdown
+from _report import provenance, provenance_line, write_text
 from _runs import evaluate_many
 from mars_tiny import add_mars_arguments, mars_config
 from pareto_emojicap import check_inputs, recipe_overrides
@@ -67,14 +68,14 @@ def main(argv=None) -> int:
                                          for s in args.seeds) for pr in res["pairs"]}
              for title, key in SCORES.items()}
     text = markdown(res, extra)
-    with open(os.path.join(args.out, "results.md"), "w") as fh:
-        fh.write(f"## MARS vs the grid on EmojiCap (vision encoder in the loop)\n\n{text}\n"
-                 f"`{' '.join(sys.argv)}`\n")
+    info = provenance(" ".join(["python", *sys.argv]))
+    write_text(os.path.join(args.out, "results.md"),
+               f"## MARS vs the grid on EmojiCap (vision encoder in the loop)\n\n{text}\n"
+               f"{provenance_line(info)}\n")
     record = {k: v for k, v in res.items() if k not in ("params", "loss", "runs")}
-    record.update(params={f"{a},{b}": v for (a, b), v in res["params"].items()},
+    record.update(provenance=info, params={f"{a},{b}": v for (a, b), v in res["params"].items()},
                   loss={f"{a},{b}": v for (a, b), v in res["loss"].items()}, scored=scored)
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(record, fh, indent=1, default=list)
+    write_text(os.path.join(args.out, "results.json"), json.dumps(record, indent=1, default=list))
     print(text)
     return 0
 

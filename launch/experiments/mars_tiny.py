@@ -20,6 +20,7 @@ import sys
 import tempfile
 
 from _mars import compare, markdown
+from _report import write_text
 
 
 def add_mars_arguments(p: argparse.ArgumentParser, probe_samples, probe_batch) -> None:
@@ -32,6 +33,8 @@ def add_mars_arguments(p: argparse.ArgumentParser, probe_samples, probe_batch) -
     p.add_argument("--probe-lr", type=float, default=None, help="default: the config's lr")
     p.add_argument("--every", type=int, default=3, help="steps between a probe's evaluations")
     p.add_argument("--min-r2", type=float, default=0.5, help="the balance step's fit gate")
+    p.add_argument("--contribution", choices=["heldout", "train"], default="heldout",
+                   help="where a probe measures a module group's loss contribution")
 
 
 def mars_config(args, out: str):
@@ -42,7 +45,8 @@ def mars_config(args, out: str):
                       probe_llm_ranks=[min(args.ranks), max(args.ranks)],
                       probe_samples=args.probe_samples, probe_steps=args.probe_steps,
                       probe_batch=args.probe_batch, probe_lr=args.probe_lr, every=args.every,
-                      min_r2=args.min_r2, jobs=args.jobs, out=os.path.join(out, "mars"))
+                      min_r2=args.min_r2, contribution=args.contribution, jobs=args.jobs,
+                      out=os.path.join(out, "mars"))
 
 
 def main(argv=None) -> int:
@@ -62,8 +66,7 @@ def main(argv=None) -> int:
         "train.log_every=1000000", *args.overrides]).to_dict()
     res = compare(base, args.ranks, [0], mars_config(args, out), out, args.jobs)
     text = markdown(res)
-    with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write(text)
+    write_text(os.path.join(out, "results.md"), text)
     print(f"\n{text}\n({out})")
     return 0
 

@@ -21,7 +21,7 @@ import os
 import statistics
 import sys
 
-from _report import write_report
+from _report import save_figure, write_report, write_text
 from _runs import evaluate_many, grid, train_many
 
 EXACT = ["pareto.mode=exact", "pareto.groups=layer"]
@@ -154,7 +154,7 @@ def _plot_ratio(out: str, variant: str, seeds) -> None:
         ax.set_xlabel("step")
     a.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "ratio.png"), dpi=110)
+    save_figure(fig, os.path.join(out, "ratio.png"), dpi=110)
     plt.close(fig)
 
 
@@ -201,8 +201,7 @@ def timing(out: str, variants, seeds, trained: dict) -> int:
                      f"| {mean(v, 'step_cpu_seconds') / mean(ref, 'step_cpu_seconds'):.2f}x |")
     lines += ["", provenance_line(info)]
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "timing.md"), "w") as fh:
-        fh.write(text)
+    write_text(os.path.join(out, "timing.md"), text)
     print(text)
     return 0
 

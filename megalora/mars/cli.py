@@ -43,6 +43,10 @@ class MarsConfig:
     fraction: float = 0.9
     """A group has converged when its loss contribution reaches this fraction of its peak
     (see megalora.mars.probes)."""
+    contribution: str = "heldout"
+    """Where a module group's loss contribution (its convergence time) is measured: ``heldout``
+    or ``train`` (fixed training batches: when the group stops lowering the loss it is trained
+    on, for data where an adapter never lowers the held-out loss; docs/pareto-emojicap.md)."""
     min_r2: float = 0.5
     """Convergence laws with a lower R^2 (log scale) are not trusted: the pair is then chosen by
     the performance law over every menu pair within the budget, and the report says why."""
@@ -65,13 +69,17 @@ class MarsConfig:
                              f"--probe-steps {self.probe_steps}")
         if not 0 <= self.min_r2 <= 1:
             raise ValueError(f"--min-r2 must be in [0, 1], got {self.min_r2}")
+        if self.contribution not in ("heldout", "train"):
+            raise ValueError(f"--contribution must be heldout or train, got "
+                             f"{self.contribution!r}")
         if not 0 < self.fraction < 1:
             raise ValueError(f"--fraction must be in (0, 1), got {self.fraction}")
 
     def probe_specs(self):
         from megalora.mars.probes import ProbeSpec
 
-        return [ProbeSpec(rv, rl, d, self.probe_steps, self.probe_batch, self.probe_lr)
+        return [ProbeSpec(rv, rl, d, self.probe_steps, self.probe_batch, self.probe_lr,
+                          self.contribution)
                 for rv, rl, d in itertools.product(
             self.probe_vision_ranks, self.probe_llm_ranks, self.probe_samples)]
 
@@ -147,7 +155,7 @@ def add_parser(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=int, nargs="+",
                        default=getattr(defaults, name))
     for name, kind in (("probe_steps", int), ("probe_batch", int), ("probe_lr", float),
-                       ("every", int), ("min_r2", float),
+                       ("every", int), ("min_r2", float), ("contribution", str),
                        ("fraction", float), ("jobs", int), ("out", str)):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name))
     p.add_argument("overrides", nargs="*", help="section.field=value for the base config")

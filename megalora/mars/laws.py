@@ -72,6 +72,11 @@ class ConvergenceLaw:
         return self.k * r ** self.gamma * d ** self.delta
 
 
+EXPONENT_BOUNDS = (1e-9, 5.0)
+"""Where the performance law's exponents a_v, a_l and b may lie (a fit at a bound says the
+data did not pin that exponent down)."""
+
+
 def _huber(residual: np.ndarray, delta: float) -> float:
     a = np.abs(residual)
     return float(np.mean(np.where(a <= delta, 0.5 * a * a, delta * (a - 0.5 * delta))))
@@ -143,7 +148,7 @@ def fit_performance(points: Sequence[Tuple[float, float, float, float]],
                av, al, g)
               for e, av, al, g in itertools.product((0.3, 0.8), (0.1, 0.4), (0.1, 0.4),
                                                      (0.15, 0.5))]
-    bounds = [(None, None), (None, None), (1e-9, 5.0), (1e-9, 5.0), (1e-9, 5.0)]
+    bounds = [(None, None), (None, None), *[EXPONENT_BOUNDS] * 3]
     res = _minimize(objective, starts, bounds)
     log_a, log_e, a_v, a_l, b = res.x
     law = PerformanceLaw(math.exp(log_a), math.exp(log_e), a_v, a_l, b)

@@ -14,7 +14,10 @@ the first evaluated step at which c_g (a 3-point running mean) reaches ``fractio
 its largest value in the probe. A group whose contribution still rises (its last quarter
 of evaluations adds more than 1 - fraction of the peak) or never lowers the loss is
 *censored* (t_g = None) and left out of the convergence fit. The curves are kept in the probe
-records, so times are recomputed for another ``fraction`` without training again. Measured and
+records, so times are recomputed for another ``fraction`` without training again. With
+``contribution="train"`` the same three losses are taken on the first training batches instead
+(fixed, a stream of their own): on EmojiCap the vision adapters never lowered the held-out loss,
+so a held-out convergence time did not exist for them (docs/pareto-emojicap.md#mars). Measured and
 rejected first: the relative drift of the adapter deltas over a window, |W(t) - W(t-w)| / |W(t)|,
 falls like w / t while adapters grow at a constant learning rate, whatever the rank (tiny UMM,
 40 steps, ranks 1-16: the same curve within 10 %), so it measures the probe length, not the
@@ -51,13 +54,17 @@ class ProbeSpec:
     """Micro-batch size (None: the config's)."""
     lr: Optional[float] = None
     """Constant learning rate (None: the config's peak lr)."""
+    contribution: str = "heldout"
+    """Where a group's loss contribution is measured: ``heldout`` (the held-out set) or
+    ``train`` (the first training batches, the same ones at every evaluation)."""
 
     @property
     def key(self) -> str:
-        """The cache name: everything that changes the probe's training."""
+        """The cache name: everything that changes the probe's training or its record."""
         key = f"rv{self.r_v}_rl{self.r_l}_d{self.samples}_s{self.steps}"
         return key + (f"_b{self.batch}" if self.batch else "") + \
-            (f"_lr{self.lr:g}" if self.lr else "")
+            (f"_lr{self.lr:g}" if self.lr else "") + \
+            ("" if self.contribution == "heldout" else f"_c{self.contribution}")
 
 
 def probe_overrides(base: dict, r_v: int, r_l: int, samples: int, steps: int, out_dir: str,
@@ -124,8 +131,8 @@ class ContributionTracker(TrainerHook):
 
     name = "mars_contributions"
 
-    def __init__(self, run, every: int, eval_sequences: int = 8):
-        self.run, self.every = run, every
+    def __init__(self, run, every: int, eval_sequences: int = 8, data: str = "heldout"):
+        self.run, self.every, self.data = run, every, data
         # a fixed number of held-out sequences whatever the probe's micro-batch size
         self.eval_batches = max(1, -(-eval_sequences // run.train.micro_batch_size))
         self.steps: List[int] = []
@@ -160,7 +167,10 @@ class ContributionTracker(TrainerHook):
         if self._evals is None:
             from megalora.umm.session import build_datasets, build_streams
 
-            _, self._evals = build_streams(self.run, *build_datasets(self.run))
+            train, held_out = build_streams(self.run, *build_datasets(self.run))
+            # "train": a stream of its own from the training set's start (the trainer's
+            # stream is not touched), so every evaluation sees the same batches
+            self._evals = train if self.data == "train" else held_out
             self._start = self._evals.state_dict()
         full = self._loss(session.model)
         self.steps.append(step)
@@ -173,11 +183,15 @@ def convergence_step(steps: Sequence[int], contribution: Sequence[float],
     """The first evaluated step at which a group's contribution (3-point running mean) reaches
     ``fraction`` of its largest value in the probe; None (censored) when it is still rising
     (the last quarter of the evaluations added more than ``1 - fraction`` of the peak) or
-    never positive."""
-    if len(contribution) < 3 or max(contribution) <= 0:
+    never positive (after smoothing)."""
+    if len(contribution) < 3:
         return None
     smooth = running_mean(contribution)
     peak = max(smooth)
+    if peak <= 0:
+        # never helps once smoothed, even if one noisy evaluation was positive (EmojiCap's
+        # vision adapters: [-0.02, 0.004, -0.01, ...] raised StopIteration below)
+        return None
     tail = max(1, len(smooth) // 4)
     if contribution[-1] - contribution[-1 - tail] > (1 - fraction) * peak:
         return None  # still rising: the last quarter added more than the tolerance
@@ -200,7 +214,7 @@ def run_probe(spec: ProbeSpec, base: dict, out: str, every: int, fraction: float
     cfg = probe_overrides(base, spec.r_v, spec.r_l, spec.samples, spec.steps,
                           os.path.join(out, "runs", spec.key), spec.batch, spec.lr)
     run = RunConfig.from_dict(cfg)
-    tracker = ContributionTracker(run, every)
+    tracker = ContributionTracker(run, every, data=spec.contribution)
     tick = time.process_time()
     result = train(run, hooks=[tracker])
     ev = result["eval"]

@@ -68,16 +68,34 @@ def fit_probes(records: Sequence[dict]) -> Fits:
     for group, rank in (("vision", "r_v"), ("llm", "r_l")):
         points = [(r[rank], r["samples"], r[f"t_{group}"]) for r in records
                   if r[f"t_{group}"] is not None]
-        censored = sum(r[f"t_{group}"] is None for r in records)
         try:
             if not points:
                 raise FitError("no probe settled")
             conv[group] = fit_convergence(points)
         except FitError as exc:
             conv[group] = None
-            problems[group] = (f"{exc} ({censored} of {len(records)} probes never settled: "
-                               "lengthen --probe-steps or lower --fraction)")
+            problems[group] = f"{exc} ({why_censored(records, group)})"
     return Fits(perf, conv["vision"], conv["llm"], problems)
+
+
+def why_censored(records: Sequence[dict], group: str) -> str:
+    """How many probes of ``group`` never settled, split by cause: a contribution that never
+    lowered the loss (no convergence time exists; EmojiCap's vision adapters on held-out data)
+    or one still rising at the probe's end."""
+    from megalora.mars.probes import running_mean
+
+    censored = [r for r in records if r[f"t_{group}"] is None]
+    never = sum(1 for r in censored
+                if max(running_mean(r.get("contribution", {}).get(group) or [0.0])) <= 0)
+    parts = []
+    if never:
+        parts.append(f"{never} never lowered the loss: their adapters made it worse (measure on "
+                     "training batches: --contribution train)")
+    if len(censored) - never:
+        parts.append(f"{len(censored) - never} still rising or too short: lengthen "
+                     "--probe-steps or lower --fraction")
+    return f"{len(censored)} of {len(records)} probes never settled" + (
+        ": " + "; ".join(parts) if parts else "")
 
 
 def adapter_parameters(base: dict, r_v: int, r_l: int) -> int:

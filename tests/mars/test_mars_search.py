@@ -62,6 +62,15 @@ def test_probe_tracking_does_not_change_training_and_is_cached(tmp_path):
     before = path.stat().st_mtime_ns
     again = run_probes([spec], base, str(tmp_path), every=3)[0]
     assert path.stat().st_mtime_ns == before and again["loss"] == record["loss"]
+    # contributions on the training batches: a probe of its own (its own cache key) whose
+    # evaluations draw from a stream of their own, so training is again bit for bit the same
+    on_train = ProbeSpec(r_v=2, r_l=4, samples=32, steps=12, batch=1, contribution="train")
+    assert on_train.key == spec.key + "_ctrain"
+    trained = run_probes([on_train], base, str(tmp_path), every=3)[0]
+    again = load_file(tmp_path / "runs" / on_train.key / "adapter.safetensors")
+    assert all(torch.equal(again[k], plain[k]) for k in plain)
+    assert trained["loss"] == record["loss"] and trained["eval_steps"] == [3, 6, 9, 12]
+    assert trained["contribution"]["llm"] != record["contribution"]["llm"]  # other batches
 
 
 def test_convergence_step_definition():
@@ -74,6 +83,24 @@ def test_convergence_step_definition():
     assert convergence_step(steps + [35, 40], [0.2, 0.5, 0.7, 0.85, 0.93, 0.97, 0.99, 1.0],
                             0.9) == 25
     assert convergence_step(steps, [0.0, -0.1, -0.2, 0.0, -0.1, 0.0], 0.9) is None  # no help
+    # one positive evaluation among negative ones: the smoothed curve never helps
+    assert convergence_step(steps, [-0.02, 0.004, -0.01, -0.03, -0.02, -0.01], 0.9) is None
+
+
+def test_why_censored_tells_never_helping_from_still_rising():
+    from megalora.mars.search import why_censored
+
+    steps = [5, 10, 15, 20, 25, 30]
+    hurts = [-0.02, 0.004, -0.01, -0.03, -0.02, -0.01]  # EmojiCap's held-out vision curves
+    rising = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    records = [{"eval_steps": steps, "contribution": {"vision": c},
+                "t_vision": convergence_step(steps, c, 0.9)} for c in (hurts, hurts, rising)]
+    records.append({"eval_steps": steps, "contribution": {"vision": [0.1, 0.5, 0.9, 1, 1, 1]},
+                    "t_vision": 20})
+    assert why_censored(records, "vision") == (
+        "3 of 4 probes never settled: 2 never lowered the loss: their adapters made it worse "
+        "(measure on training batches: --contribution train); 1 still rising or too short: "
+        "lengthen --probe-steps or lower --fraction")
 
 
 def _fake_probes(out, base, perf, vision, llm, specs):
@@ -227,6 +254,8 @@ def test_rank_search_errors(tmp_path, capsys):
     assert "--budget must be a parameter count or uniform:R" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--probe-llm-ranks needs positive integers"):
         MarsConfig(budget="1", probe_llm_ranks=[0, 4])
+    with pytest.raises(ValueError, match="--contribution must be heldout or train"):
+        MarsConfig(budget="1", contribution="test")
     with pytest.raises(ValueError, match="--min-r2 must be in"):
         MarsConfig(budget="1", min_r2=1.5)
     with pytest.raises(ValueError, match="fewer than 3 evaluations"):
