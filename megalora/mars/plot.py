@@ -40,7 +40,7 @@ def laws(fits, records, out: str) -> str:
         ax.set_xlabel(f"{group} rank")
         ax.set_ylabel("convergence step")
         ax.set_title(f"{group}: not fitted" if law is None else
-                     f"{group}: t = {law.k:.3g} r^{law.gamma:.2f} D^{law.delta:.2f} "
+                     f"{group}: t = {law.k:.3g} r^{law.gamma:.3g} D^{law.delta:.3g} "
                      f"(R^2 {law.quality.r2:.2f})")
         if law is not None:
             ax.legend(fontsize=7)
@@ -57,7 +57,7 @@ def laws(fits, records, out: str) -> str:
     ax.set_yscale("log")
     ax.set_xlabel("LLM rank")
     ax.set_ylabel("held-out loss - E")
-    ax.set_title(f"L = {p.A:.3g}/(r_v^{p.a_v:.2f} r_l^{p.a_l:.2f} D^{p.b:.2f}) + {p.E:.3g}")
+    ax.set_title(f"L = {p.A:.3g}/(r_v^{p.a_v:.3g} r_l^{p.a_l:.3g} D^{p.b:.3g}) + {p.E:.3g}")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
