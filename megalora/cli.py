@@ -58,7 +58,7 @@ def _dispatch(argv) -> int:
     from megalora import launch
     from megalora.mars import cli as mars_cli
     from megalora.pareto import plot
-    from megalora.umm import emojicap, emojicap_eval, hf_cli, plan_cli, pretrain
+    from megalora.umm import emojicap, emojicap_eval, eva_features, hf_cli, plan_cli, pretrain
 
     launch.add_parser(sub)
     mars_cli.add_parser(sub)
@@ -67,6 +67,7 @@ def _dispatch(argv) -> int:
     plot.add_parser(sub)
     emojicap.add_parser(sub)
     emojicap_eval.add_parser(sub)
+    eva_features.add_parser(sub)
     emojicap_eval.add_eval_parser(sub)
     pretrain.add_parser(sub)
     args = parser.parse_args(argv)
