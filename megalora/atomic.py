@@ -52,3 +52,9 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             fh.write(data)
 
     atomic_write(path, write)
+
+
+def atomic_savefig(fig, path: str, **kwargs) -> None:
+    """``fig.savefig(path)`` atomically (matplotlib's format from ``path``'s suffix)."""
+    fmt = os.path.splitext(path)[1].lstrip(".") or None
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))

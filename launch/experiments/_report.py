@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from scipy import stats
 
-from megalora.atomic import atomic_write, atomic_write_bytes
+from megalora.atomic import atomic_savefig, atomic_write_bytes
 
 METRICS: List[Tuple[str, str, str]] = [
     # (key in a run's merged record, column title, which way is better)
@@ -129,8 +129,7 @@ def write_text(path: str, text: str) -> None:
 
 def save_figure(fig, path: str, **kwargs) -> None:
     """``fig.savefig`` to ``path`` atomically (the format from ``path``'s suffix)."""
-    fmt = os.path.splitext(path)[1].lstrip(".") or None
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+    atomic_savefig(fig, path, **kwargs)
 
 
 def provenance(command: str) -> dict:

@@ -12,6 +12,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from megalora.atomic import atomic_savefig
 from megalora.hydra.allocation import position
 
 
@@ -72,7 +73,7 @@ def heatmap(log: List[dict], out: str, budget_rank: int) -> str:
     ax.set_title("rank over training")
     fig.colorbar(im, ax=axes, shrink=0.8, label="rank")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
+    atomic_savefig(fig, out, dpi=100)
     plt.close(fig)
     return out
 

@@ -122,7 +122,7 @@ def search(cfg: MarsConfig, base: dict, progress=print) -> dict:
                                         budget)
     uniform = sorted(set(cfg.vision_ranks) & set(cfg.llm_ranks))
     choice, why = s.choose(cands, budget, fits, uniform, full, count, problem)
-    text = s.report(fits, cands, choice, why, budget)
+    text = s.report(fits, cands, choice, why, budget, records)
     result = {**s.as_json(fits, cands, choice, why, budget), "fallbacks": fallbacks,
               "probes": records,
               "probe_sequences": sum(r["sequences"] for r in records),

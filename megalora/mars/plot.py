@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from megalora.atomic import atomic_savefig
+
 
 def _pyplot():
     import matplotlib
@@ -61,7 +63,7 @@ def laws(fits, records, out: str) -> str:
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
+    atomic_savefig(fig, out, dpi=100)
     plt.close(fig)
     return out
 
@@ -91,6 +93,6 @@ def candidates(cands, choice, out: str) -> str:
                  "MARS candidates (every menu pair: convergence laws not trusted)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
+    atomic_savefig(fig, out, dpi=100)
     plt.close(fig)
     return out

@@ -17,7 +17,8 @@ of evaluations adds more than 1 - fraction of the peak) or never lowers the loss
 records, so times are recomputed for another ``fraction`` without training again. With
 ``contribution="train"`` the same three losses are taken on the first training batches instead
 (fixed, a stream of their own): on EmojiCap the vision adapters never lowered the held-out loss,
-so a held-out convergence time did not exist for them (docs/pareto-emojicap.md#mars). Measured and
+so a held-out convergence time did not exist for them (docs/pareto-emojicap.md,
+MARS section). Measured and
 rejected first: the relative drift of the adapter deltas over a window, |W(t) - W(t-w)| / |W(t)|,
 falls like w / t while adapters grow at a constant learning rate, whatever the rank (tiny UMM,
 40 steps, ranks 1-16: the same curve within 10 %), so it measures the probe length, not the
@@ -54,9 +55,10 @@ class ProbeSpec:
     """Micro-batch size (None: the config's)."""
     lr: Optional[float] = None
     """Constant learning rate (None: the config's peak lr)."""
-    contribution: str = "heldout"
+    contribution_on: str = "heldout"
     """Where a group's loss contribution is measured: ``heldout`` (the held-out set) or
-    ``train`` (the first training batches, the same ones at every evaluation)."""
+    ``train`` (the first training batches, the same ones at every evaluation); kept in the
+    probe's record."""
 
     @property
     def key(self) -> str:
@@ -64,7 +66,7 @@ class ProbeSpec:
         key = f"rv{self.r_v}_rl{self.r_l}_d{self.samples}_s{self.steps}"
         return key + (f"_b{self.batch}" if self.batch else "") + \
             (f"_lr{self.lr:g}" if self.lr else "") + \
-            ("" if self.contribution == "heldout" else f"_c{self.contribution}")
+            ("" if self.contribution_on == "heldout" else f"_c{self.contribution_on}")
 
 
 def probe_overrides(base: dict, r_v: int, r_l: int, samples: int, steps: int, out_dir: str,
@@ -124,10 +126,10 @@ def module_group(module_name: str) -> str:
 
 
 class ContributionTracker(TrainerHook):
-    """A trainer hook (``megalora.umm.hooks``): every ``every`` steps, the held-out loss with
-    all adapters, with the vision group's switched off (its B factors zeroed, then restored bit
-    for bit) and with the LLM group's switched off. A group's contribution is the loss it
-    removes."""
+    """A trainer hook (``megalora.umm.hooks``): every ``every`` steps, the loss on fixed batches
+    (held-out ones, or with ``data="train"`` the first training batches) with all adapters,
+    with the vision group's switched off (its B factors zeroed, then restored bit for bit) and
+    with the LLM group's switched off. A group's contribution is the loss it removes."""
 
     name = "mars_contributions"
 
@@ -214,7 +216,7 @@ def run_probe(spec: ProbeSpec, base: dict, out: str, every: int, fraction: float
     cfg = probe_overrides(base, spec.r_v, spec.r_l, spec.samples, spec.steps,
                           os.path.join(out, "runs", spec.key), spec.batch, spec.lr)
     run = RunConfig.from_dict(cfg)
-    tracker = ContributionTracker(run, every, data=spec.contribution)
+    tracker = ContributionTracker(run, every, data=spec.contribution_on)
     tick = time.process_time()
     result = train(run, hooks=[tracker])
     ev = result["eval"]

@@ -85,14 +85,16 @@ def why_censored(records: Sequence[dict], group: str) -> str:
     from megalora.mars.probes import running_mean
 
     censored = [r for r in records if r[f"t_{group}"] is None]
-    never = sum(1 for r in censored
-                if max(running_mean(r.get("contribution", {}).get(group) or [0.0])) <= 0)
+    never = [r for r in censored
+             if max(running_mean(r.get("contribution", {}).get(group) or [0.0])) <= 0]
     parts = []
     if never:
-        parts.append(f"{never} never lowered the loss: their adapters made it worse (measure on "
-                     "training batches: --contribution train)")
-    if len(censored) - never:
-        parts.append(f"{len(censored) - never} still rising or too short: lengthen "
+        held_out = any(r.get("contribution_on", "heldout") == "heldout" for r in never)
+        parts.append(f"{len(never)} never lowered the loss: their adapters made it worse" +
+                     (" (measure on training batches: --contribution train)" if held_out
+                      else ""))
+    if len(censored) - len(never):
+        parts.append(f"{len(censored) - len(never)} still rising or too short: lengthen "
                      "--probe-steps or lower --fraction")
     return f"{len(censored)} of {len(records)} probes never settled" + (
         ": " + "; ".join(parts) if parts else "")
@@ -230,12 +232,34 @@ def _law_line(name: str, law: Optional[ConvergenceLaw], problem: Optional[str]) 
             f"{q.r2:.3f}, max rel. error {q.max_rel_error:.1%}, {q.n} probes)")
 
 
-def report(fits: Fits, cands: Sequence[Candidate], choice, why: str, budget: int) -> str:
+def exponents_note(law: dict, records: Sequence[dict]) -> str:
+    """How well the probes pin each performance-law exponent down: *at a bound* of
+    ``EXPONENT_BOUNDS`` (within a relative 1e-3), *flat* when over the probed range it moves
+    the law's power term by less than 0.1 % (exponent x ln(max / min) < 1e-3: EmojiCap's
+    a_v = 2e-5 over ranks 1-8), else *pinned*."""
+    import math
+
+    from megalora.mars.laws import EXPONENT_BOUNDS
+
+    lo, hi = EXPONENT_BOUNDS
+    groups: dict = {"at a bound": [], "flat": [], "pinned": []}
+    for name, col in (("a_v", "r_v"), ("a_l", "r_l"), ("b", "samples")):
+        values = [r[col] for r in records]
+        span = math.log(max(values) / min(values))
+        kind = ("at a bound" if law[name] <= lo * 1.001 or law[name] >= hi * 0.999 else
+                "flat" if law[name] * span < 1e-3 else "pinned")
+        groups[kind].append(name)
+    return "exponents " + "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in groups.items())
+
+
+def report(fits: Fits, cands: Sequence[Candidate], choice, why: str, budget: int,
+           records: Sequence[dict] = ()) -> str:
     p = fits.performance
     lines = [
-        f"performance law: L = {p.A:.4g} / (r_v^{p.a_v:.3f} r_l^{p.a_l:.3f} D^{p.b:.3f}) + "
+        f"performance law: L = {p.A:.4g} / (r_v^{p.a_v:.3g} r_l^{p.a_l:.3g} D^{p.b:.3g}) + "
         f"{p.E:.4g}   (R^2 {p.quality.r2:.3f}, max rel. error {p.quality.max_rel_error:.1%}, "
-        f"{p.quality.n} probes)",
+        f"{p.quality.n} probes)" +
+        (f"; {exponents_note(dataclasses.asdict(p), records)}" if records else ""),
         _law_line("vision", fits.vision, fits.problems.get("vision")),
         _law_line("LLM", fits.llm, fits.problems.get("llm")),
         f"budget: {budget:,} trainable adapter parameters",

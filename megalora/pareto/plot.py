@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from megalora.atomic import atomic_savefig
 from megalora.pareto.engine import read_history
 
 _RULES = ("sum", "rescale", "pareto", "mgda", "pcgrad", "fixed")
@@ -46,7 +47,7 @@ def plot_history(path: str, out: str, max_groups: int = 12) -> str:
     fig.suptitle(f"Pareto LoRA history: {path}")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
+    atomic_savefig(fig, out, dpi=100)
     plt.close(fig)
     return out
 

@@ -1,6 +1,6 @@
 """``megalora eva-features``: image files -> Emu2's slot features, one ``.npy``
 [image_tokens, 1792] per image, for ``megalora convert`` (``{"image": "feats/x.npy"}``
-segments).
+segments: the ``.npy`` of ``imgs/x.png`` is ``feats/x.png.npy``).
 
     megalora eva-features --checkpoint Emu2_pytorch_model.bf16.bin --images imgs/ --out feats/
     torchrun --nproc_per_node 8 -m megalora eva-features ...   # data-parallel, one GPU each
@@ -10,7 +10,8 @@ The encoder is EVA-CLIP-E read from the checkpoint's ``visual.*`` tensors
 bf16 on a GPU, float32 on CPU. Three properties:
 
 - **Resumable:** an image whose ``.npy`` exists is skipped, and each ``.npy`` is written
-  atomically, so an interrupted run continues where it stopped.
+  atomically, so an interrupted run continues where it stopped. ``<out>/eva-features.json``
+  records the checkpoint, slot count and dtype; a rerun with other ones is refused.
 - **Data-parallel:** under torchrun, srun or mpiexec, process r of W takes images r, r + W, …
   No process group is needed, since the processes never talk.
 - **Checked:** non-finite features are refused, naming the image. So are features too large
@@ -67,13 +68,21 @@ class EVAFeaturesConfig:
 
 
 def list_images(images: str) -> List[str]:
-    """Image paths relative to ``images`` (a folder) or to a list file's folder, sorted."""
+    """Image paths relative to ``images`` (a folder: sorted) or to a list file's folder (in the
+    file's order). A listed path must stay inside that folder: its ``.npy`` goes to the same
+    relative path under --out."""
     if os.path.isdir(images):
         found = [os.path.relpath(os.path.join(d, f), images) for d, _, files in os.walk(images)
                  for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
         return sorted(found)
     with open(images) as fh:
-        return [line.strip() for line in fh if line.strip()]
+        names = [line.strip() for line in fh if line.strip()]
+    for i, name in enumerate(names, 1):
+        norm = os.path.normpath(name)
+        if os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep):
+            raise ValueError(f"{images}:{i}: {name!r} leaves the list's folder; list paths "
+                             "relative to it (features go to the same path under --out)")
+    return names
 
 
 def _root(images: str) -> str:
@@ -98,6 +107,35 @@ def _check(features: torch.Tensor, name: str, dtype: str) -> np.ndarray:
     return features.numpy().astype(dtype)
 
 
+def _load(root: str, name: str, size: int) -> torch.Tensor:
+    from megalora.umm.eva import load_image_eva
+
+    try:
+        return load_image_eva(os.path.join(root, name), size)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for a bad file
+        raise ValueError(f"image {name!r} (under {root}) cannot be read: {exc}") from exc
+
+
+def _claim(cfg: EVAFeaturesConfig) -> None:
+    """``<out>/eva-features.json`` records what made the features. A rerun with another
+    checkpoint, slot count or dtype would mix stale and new files, so it is refused."""
+    import json
+
+    from megalora.atomic import atomic_write_bytes
+
+    what = {"checkpoint": os.path.abspath(cfg.checkpoint), "heads": cfg.heads,
+            "image_tokens": cfg.image_tokens, "dtype": cfg.dtype}
+    path = os.path.join(cfg.out, "eva-features.json")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            before = json.load(fh)
+        if before != what:
+            raise ValueError(f"{cfg.out} holds features made with {before}, not {what}: choose "
+                             "another --out, or remove the folder to start again")
+        return
+    atomic_write_bytes(path, json.dumps(what, indent=1).encode())  # ranks write the same
+
+
 def _device(cfg: EVAFeaturesConfig, local_rank: int) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -109,7 +147,7 @@ def _device(cfg: EVAFeaturesConfig, local_rank: int) -> torch.device:
 def extract(cfg: EVAFeaturesConfig, rank: int = 0, world: int = 1, local_rank: int = 0,
             progress=print) -> dict:
     """Encode this process's share of the images; returns counts (written, skipped, total)."""
-    from megalora.umm.eva import load_eva, load_image_eva, read_visual
+    from megalora.umm.eva import config_from_state, eva_pool, load_eva, read_visual
 
     names = list_images(cfg.images)
     mine = names[rank::world]
@@ -121,12 +159,15 @@ def extract(cfg: EVAFeaturesConfig, rank: int = 0, world: int = 1, local_rank: i
         return counts
     device = _device(cfg, local_rank)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_eva(read_visual(cfg.checkpoint), heads=cfg.heads, dtype=dtype).to(device)
+    state = read_visual(cfg.checkpoint)
+    eva_pool(torch.zeros(1, config_from_state(state, cfg.heads).grid ** 2, 1),
+             cfg.image_tokens)  # a bad --image-tokens fails now, not after loading 4B weights
+    _claim(cfg)
+    model = load_eva(state, heads=cfg.heads, dtype=dtype).to(device)
     model.eval()
     for start in range(0, len(todo), cfg.batch):
         chunk = todo[start:start + cfg.batch]
-        pixels = torch.stack([load_image_eva(os.path.join(root, n), model.cfg.image_size)
-                              for n in chunk]).to(device)
+        pixels = torch.stack([_load(root, n, model.cfg.image_size) for n in chunk]).to(device)
         with torch.no_grad():
             feats = model.encode(pixels, cfg.image_tokens).float().cpu()
         for name, f in zip(chunk, feats):

@@ -64,12 +64,13 @@ def test_probe_tracking_does_not_change_training_and_is_cached(tmp_path):
     assert path.stat().st_mtime_ns == before and again["loss"] == record["loss"]
     # contributions on the training batches: a probe of its own (its own cache key) whose
     # evaluations draw from a stream of their own, so training is again bit for bit the same
-    on_train = ProbeSpec(r_v=2, r_l=4, samples=32, steps=12, batch=1, contribution="train")
+    on_train = ProbeSpec(r_v=2, r_l=4, samples=32, steps=12, batch=1, contribution_on="train")
     assert on_train.key == spec.key + "_ctrain"
     trained = run_probes([on_train], base, str(tmp_path), every=3)[0]
     again = load_file(tmp_path / "runs" / on_train.key / "adapter.safetensors")
     assert all(torch.equal(again[k], plain[k]) for k in plain)
     assert trained["loss"] == record["loss"] and trained["eval_steps"] == [3, 6, 9, 12]
+    assert (trained["contribution_on"], record["contribution_on"]) == ("train", "heldout")
     assert trained["contribution"]["llm"] != record["contribution"]["llm"]  # other batches
 
 
@@ -101,6 +102,24 @@ def test_why_censored_tells_never_helping_from_still_rising():
         "3 of 4 probes never settled: 2 never lowered the loss: their adapters made it worse "
         "(measure on training batches: --contribution train); 1 still rising or too short: "
         "lengthen --probe-steps or lower --fraction")
+    # already measured on training batches: no advice to do so
+    on_train = [dict(r, contribution_on="train") for r in records[:2]]
+    assert why_censored(on_train, "vision") == (
+        "2 of 2 probes never settled: 2 never lowered the loss: their adapters made it worse")
+
+
+def test_exponents_note_names_bound_flat_and_pinned_exponents():
+    from megalora.mars.laws import EXPONENT_BOUNDS
+    from megalora.mars.search import exponents_note
+
+    # EmojiCap's probes: ranks 1 and 8, 300 and 1,000 documents
+    records = [{"r_v": v, "r_l": v, "samples": d} for v in (1, 8) for d in (300, 1000)]
+    fit = {"a_v": 2.14e-5, "a_l": 3.83e-3, "b": 4.41e-3}  # its default probes' law
+    assert exponents_note(fit, records) == "exponents at a bound: none; flat: a_v; pinned: a_l, b"
+    lo, hi = EXPONENT_BOUNDS
+    # a_l x ln 8 = 4.7e-4 < 1e-3: flat; b at the upper bound, a_v at the lower
+    assert exponents_note({"a_v": lo, "a_l": 2.3e-4, "b": hi}, records) == \
+        "exponents at a bound: a_v, b; flat: a_l; pinned: none"
 
 
 def _fake_probes(out, base, perf, vision, llm, specs):

@@ -270,3 +270,64 @@ def test_eva_features_refuse_what_cannot_be_stored(tmp_path):
         EVAFeaturesConfig(checkpoint=str(ckpt), images=str(tmp_path), out="o", dtype="int8")
     with pytest.raises(FileNotFoundError, match="--images"):
         EVAFeaturesConfig(checkpoint=str(ckpt), images=str(tmp_path / "nope"), out="o")
+
+
+def test_read_visual_from_a_sharded_folder_and_a_wrapped_bin(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    cfg = EVAConfig(**TINY)
+    state = {k: v.float() for k, v in _state(cfg).items()}
+    keys = sorted(state)
+    shards = {"model-00001-of-00003.safetensors": keys[:10],
+              "model-00002-of-00003.safetensors": keys[10:],
+              "model-00003-of-00003.safetensors": []}  # the decoder's: never opened
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    weight_map = {}
+    for name, part in shards.items():
+        tensors = {"model.visual." + k: state[k] for k in part}
+        if not part:
+            tensors = {"model.decoder.lm.model.norm.weight": torch.ones(4)}
+        save_file(tensors, str(folder / name))
+        weight_map.update({k: name for k in tensors})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "model-00003-of-00003.safetensors").write_bytes(b"not read")
+    got = read_visual(str(folder))
+    assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
+    # Emu2's loader unwraps {"module": state}; so does ours
+    torch.save({"module": {"visual." + k: v for k, v in state.items()}}, tmp_path / "w.bin")
+    assert set(read_visual(str(tmp_path / "w.bin"))) == set(state)
+    (tmp_path / "two").mkdir()
+    for name in ("a.bin", "b.bin"):
+        (tmp_path / "two" / name).write_bytes(b"")
+    with pytest.raises(ValueError, match="no model.safetensors.index.json or"):
+        read_visual(str(tmp_path / "two"))
+
+
+def test_eva_features_refuse_escaping_paths_stale_outputs_and_bad_images(tmp_path):
+    from megalora.umm.eva_features import EVAFeaturesConfig, extract, list_images
+
+    ckpt, _ = _checkpoint(tmp_path)
+    _images(tmp_path / "imgs", n=2)
+    listing = tmp_path / "imgs" / "list.txt"
+    for bad in ("../secret.png", "/etc/x.png"):
+        listing.write_text(f"img0.png\n{bad}\n")
+        with pytest.raises(ValueError, match=r"list.txt:2: .* leaves the list's folder"):
+            list_images(str(listing))
+
+    def cfg(**kw):
+        return EVAFeaturesConfig(**{**dict(checkpoint=str(ckpt), images=str(tmp_path / "imgs"),
+                                           out=str(tmp_path / "out"), heads=2,
+                                           image_tokens=4), **kw})
+
+    with pytest.raises(ValueError, match="dividing 16 patches evenly"):
+        extract(cfg(image_tokens=9), progress=lambda m: None)
+    assert extract(cfg(), progress=lambda m: None)["written"] == 2
+    (tmp_path / "out" / "img0.png.npy").unlink()
+    with pytest.raises(ValueError, match="holds features made with"):
+        extract(cfg(image_tokens=1), progress=lambda m: None)
+    (tmp_path / "imgs" / "img0.png").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="image 'img0.png' .* cannot be read"):
+        extract(cfg(), progress=lambda m: None)

@@ -59,14 +59,3 @@ def test_mars_tiny_reduced(tmp_path, capsys):
     assert "Grid's best within the budget" in out and "cheaper in sequences" in out
     assert (tmp_path / "results.md").exists()
 
-
-def test_mars_exponents_note_names_the_exponents_at_a_bound():
-    from _mars import exponents_note
-
-    from megalora.mars.laws import EXPONENT_BOUNDS
-
-    lo, hi = EXPONENT_BOUNDS
-    note = exponents_note({"a_v": lo, "a_l": 0.3, "b": hi})
-    assert note == "exponents inside (1e-09, 5): a_l; at a bound: a_v, b", note
-    assert exponents_note({"a_v": 2.1e-5, "a_l": 3.8e-3, "b": 4.4e-3}).endswith(
-        "a_v, a_l, b; at a bound: none")
