@@ -1,5 +1,5 @@
 """MARS vs a full 4x4 grid of (vision rank, LLM rank) on EmojiCap with the vision encoder in
-the loop (docs/pareto-emojicap.md#mars).
+the loop (docs/pareto-emojicap.md, MARS section).
 
     python launch/experiments/mars_emojicap.py --out results/mars_emojicap
     python launch/experiments/mars_emojicap.py --steps 3 --ranks 1 2 ... --out /tmp/me  # CI's
