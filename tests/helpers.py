@@ -1,6 +1,7 @@
 """Helpers shared by the tests: comparisons, the repository root, launched jobs' environment."""
 
 import os
+import re
 
 import torch
 
@@ -118,7 +119,9 @@ def capture_figures(monkeypatch) -> dict:
     saved, savefig = {}, Figure.savefig
 
     def capture(fig, fname, *args, **kwargs):
-        saved[os.path.basename(str(fname))] = fig
+        # atomic writes (megalora.atomic) save to ".tmp-<random>-<name>" first
+        name = re.sub(r"^\.tmp-[a-z0-9_]+-", "", os.path.basename(str(fname)))
+        saved[name] = fig
         return savefig(fig, fname, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", capture)
