@@ -117,7 +117,7 @@ def plot_differences(summary: dict, reference: str, keys: Sequence[str], path: s
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # long decimals must not collide
         ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -125,11 +125,6 @@ def write_text(path: str, text: str) -> None:
     """``text`` to ``path`` atomically: an interrupted run leaves the old report or the new one,
     never half a table."""
     atomic_write_bytes(path, text.encode())
-
-
-def save_figure(fig, path: str, **kwargs) -> None:
-    """``fig.savefig`` to ``path`` atomically (the format from ``path``'s suffix)."""
-    atomic_savefig(fig, path, **kwargs)
 
 
 def provenance(command: str) -> dict:

@@ -33,7 +33,9 @@ def add_mars_arguments(p: argparse.ArgumentParser, probe_samples, probe_batch) -
     p.add_argument("--probe-lr", type=float, default=None, help="default: the config's lr")
     p.add_argument("--every", type=int, default=3, help="steps between a probe's evaluations")
     p.add_argument("--min-r2", type=float, default=0.5, help="the balance step's fit gate")
-    p.add_argument("--contribution", choices=["heldout", "train"], default="heldout",
+    from megalora.mars.probes import CONTRIBUTION_ON
+
+    p.add_argument("--contribution", choices=CONTRIBUTION_ON, default="heldout",
                    help="where a probe measures a module group's loss contribution")
 
 

@@ -21,7 +21,9 @@ import os
 import statistics
 import sys
 
-from _report import save_figure, write_report, write_text
+from _report import write_report, write_text
+
+from megalora.atomic import atomic_savefig
 from _runs import evaluate_many, grid, train_many
 
 EXACT = ["pareto.mode=exact", "pareto.groups=layer"]
@@ -154,7 +156,7 @@ def _plot_ratio(out: str, variant: str, seeds) -> None:
         ax.set_xlabel("step")
     a.legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, os.path.join(out, "ratio.png"), dpi=110)
+    atomic_savefig(fig, os.path.join(out, "ratio.png"), dpi=110)
     plt.close(fig)
 
 

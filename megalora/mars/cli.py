@@ -69,8 +69,10 @@ class MarsConfig:
                              f"--probe-steps {self.probe_steps}")
         if not 0 <= self.min_r2 <= 1:
             raise ValueError(f"--min-r2 must be in [0, 1], got {self.min_r2}")
-        if self.contribution not in ("heldout", "train"):
-            raise ValueError(f"--contribution must be heldout or train, got "
+        from megalora.mars.probes import CONTRIBUTION_ON
+
+        if self.contribution not in CONTRIBUTION_ON:
+            raise ValueError(f"--contribution must be {' or '.join(CONTRIBUTION_ON)}, got "
                              f"{self.contribution!r}")
         if not 0 < self.fraction < 1:
             raise ValueError(f"--fraction must be in (0, 1), got {self.fraction}")

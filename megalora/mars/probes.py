@@ -45,6 +45,10 @@ from megalora.atomic import atomic_write_bytes
 from megalora.umm.hooks import TrainerHook
 
 
+CONTRIBUTION_ON = ("heldout", "train")
+"""Where a probe can measure a group's loss contribution (``ContributionTracker``'s data)."""
+
+
 @dataclass(frozen=True)
 class ProbeSpec:
     r_v: int
@@ -56,9 +60,9 @@ class ProbeSpec:
     lr: Optional[float] = None
     """Constant learning rate (None: the config's peak lr)."""
     contribution_on: str = "heldout"
-    """Where a group's loss contribution is measured: ``heldout`` (the held-out set) or
-    ``train`` (the first training batches, the same ones at every evaluation); kept in the
-    probe's record."""
+    """Where a group's loss contribution is measured (one of ``CONTRIBUTION_ON``): ``heldout``
+    (the held-out set) or ``train`` (the first training batches, the same ones at every
+    evaluation); kept in the probe's record."""
 
     @property
     def key(self) -> str:
@@ -186,19 +190,22 @@ def convergence_step(steps: Sequence[int], contribution: Sequence[float],
     ``fraction`` of its largest value in the probe; None (censored) when it is still rising
     (the last quarter of the evaluations added more than ``1 - fraction`` of the peak) or
     never positive (after smoothing)."""
-    if len(contribution) < 3:
+    if len(contribution) < 3 or never_helps(contribution):
         return None
     smooth = running_mean(contribution)
     peak = max(smooth)
-    if peak <= 0:
-        # never helps once smoothed, even if one noisy evaluation was positive (EmojiCap's
-        # vision adapters: [-0.02, 0.004, -0.01, ...] raised StopIteration below)
-        return None
     tail = max(1, len(smooth) // 4)
     if contribution[-1] - contribution[-1 - tail] > (1 - fraction) * peak:
         return None  # still rising: the last quarter added more than the tolerance
     first = next(i for i, c in enumerate(smooth) if c >= fraction * peak)
     return None if first == len(smooth) - 1 else steps[first]
+
+
+def never_helps(contribution: Sequence[float]) -> bool:
+    """Whether a group's smoothed contribution is never positive: its adapters never lowered
+    the loss, even where one noisy evaluation was positive (EmojiCap's held-out vision curves,
+    [-0.02, 0.004, -0.01, ...]); no convergence time exists then."""
+    return max(running_mean(contribution)) <= 0
 
 
 def running_mean(values: Sequence[float], width: int = 3) -> List[float]:

@@ -82,11 +82,10 @@ def why_censored(records: Sequence[dict], group: str) -> str:
     """How many probes of ``group`` never settled, split by cause: a contribution that never
     lowered the loss (no convergence time exists; EmojiCap's vision adapters on held-out data)
     or one still rising at the probe's end."""
-    from megalora.mars.probes import running_mean
+    from megalora.mars.probes import never_helps
 
     censored = [r for r in records if r[f"t_{group}"] is None]
-    never = [r for r in censored
-             if max(running_mean(r.get("contribution", {}).get(group) or [0.0])) <= 0]
+    never = [r for r in censored if never_helps(r.get("contribution", {}).get(group) or [0.0])]
     parts = []
     if never:
         held_out = any(r.get("contribution_on", "heldout") == "heldout" for r in never)

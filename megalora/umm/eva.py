@@ -172,13 +172,20 @@ def eva_pool(patches: torch.Tensor, image_tokens: int) -> torch.Tensor:
     """[B, grid^2, d] patch tokens (CLS dropped) -> [B, image_tokens, d]: the grid laid out
     row-major, average-pooled with stride grid / sqrt(image_tokens)."""
     b, n, d = patches.shape
-    grid, side = math.isqrt(n), math.isqrt(image_tokens)
-    if grid * grid != n or side * side != image_tokens or grid % side:
-        raise ValueError(f"EVA pooling needs square grids with {image_tokens} slots dividing "
-                         f"{n} patches evenly (e.g. 64 or 256 slots of a 32x32 grid)")
-    x = patches.transpose(1, 2).reshape(b, d, grid, grid)
-    x = F.avg_pool2d(x, kernel_size=grid // side, stride=grid // side)
+    stride = pool_stride(n, image_tokens)
+    x = patches.transpose(1, 2).reshape(b, d, math.isqrt(n), math.isqrt(n))
+    x = F.avg_pool2d(x, kernel_size=stride, stride=stride)
     return x.reshape(b, d, image_tokens).transpose(1, 2)
+
+
+def pool_stride(patches: int, image_tokens: int) -> int:
+    """``eva_pool``'s stride for ``patches`` patch tokens and ``image_tokens`` slots; refused
+    unless both are squares and the slot grid divides the patch grid."""
+    grid, side = math.isqrt(patches), math.isqrt(image_tokens)
+    if grid * grid != patches or side * side != image_tokens or grid % side:
+        raise ValueError(f"EVA pooling needs square grids with {image_tokens} slots dividing "
+                         f"{patches} patches evenly (e.g. 64 or 256 slots of a 32x32 grid)")
+    return grid // side
 
 
 def load_image_eva(path: str, size: int = 448) -> torch.Tensor:

@@ -147,7 +147,7 @@ def _device(cfg: EVAFeaturesConfig, local_rank: int) -> torch.device:
 def extract(cfg: EVAFeaturesConfig, rank: int = 0, world: int = 1, local_rank: int = 0,
             progress=print) -> dict:
     """Encode this process's share of the images; returns counts (written, skipped, total)."""
-    from megalora.umm.eva import config_from_state, eva_pool, load_eva, read_visual
+    from megalora.umm.eva import config_from_state, load_eva, pool_stride, read_visual
 
     names = list_images(cfg.images)
     mine = names[rank::world]
@@ -160,8 +160,8 @@ def extract(cfg: EVAFeaturesConfig, rank: int = 0, world: int = 1, local_rank: i
     device = _device(cfg, local_rank)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     state = read_visual(cfg.checkpoint)
-    eva_pool(torch.zeros(1, config_from_state(state, cfg.heads).grid ** 2, 1),
-             cfg.image_tokens)  # a bad --image-tokens fails now, not after loading 4B weights
+    # a bad --image-tokens fails now, not after loading 4B weights
+    pool_stride(config_from_state(state, cfg.heads).grid ** 2, cfg.image_tokens)
     _claim(cfg)
     model = load_eva(state, heads=cfg.heads, dtype=dtype).to(device)
     model.eval()

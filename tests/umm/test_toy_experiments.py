@@ -58,4 +58,3 @@ def test_mars_tiny_reduced(tmp_path, capsys):
     assert pick and {int(pick[1]), int(pick[2])} <= {1, 2}
     assert "Grid's best within the budget" in out and "cheaper in sequences" in out
     assert (tmp_path / "results.md").exists()
-
