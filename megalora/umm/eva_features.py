@@ -20,6 +20,7 @@ bf16 on a GPU, float32 on CPU. Three properties:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from dataclasses import dataclass
@@ -116,9 +117,10 @@ def _load(root: str, name: str, size: int) -> torch.Tensor:
         raise ValueError(f"image {name!r} (under {root}) cannot be read: {exc}") from exc
 
 
-def _claim(cfg: EVAFeaturesConfig) -> None:
+def _claim(cfg: EVAFeaturesConfig, write: bool) -> None:
     """``<out>/eva-features.json`` records what made the features. A rerun with another
-    checkpoint, slot count or dtype would mix stale and new files, so it is refused."""
+    checkpoint, slot count or dtype would mix stale and new files, so it is refused. With
+    ``write``, a missing record is written (once the inputs are known to be good)."""
     import json
 
     from megalora.atomic import atomic_write_bytes
@@ -132,8 +134,19 @@ def _claim(cfg: EVAFeaturesConfig) -> None:
         if before != what:
             raise ValueError(f"{cfg.out} holds features made with {before}, not {what}: choose "
                              "another --out, or remove the folder to start again")
-        return
-    atomic_write_bytes(path, json.dumps(what, indent=1).encode())  # ranks write the same
+    elif write:
+        atomic_write_bytes(path, json.dumps(what, indent=1).encode())  # ranks write the same
+
+
+@contextlib.contextmanager
+def same_everywhere():
+    """Errors raised inside are the same on every rank (the inputs are): marked so that
+    ``megalora.errors.report`` prints them once, from rank 0, not once per process."""
+    try:
+        yield
+    except Exception as exc:
+        exc.same_on_all_ranks = True
+        raise
 
 
 def _device(cfg: EVAFeaturesConfig, local_rank: int) -> torch.device:
@@ -149,7 +162,9 @@ def extract(cfg: EVAFeaturesConfig, rank: int = 0, world: int = 1, local_rank: i
     """Encode this process's share of the images; returns counts (written, skipped, total)."""
     from megalora.umm.eva import config_from_state, load_eva, pool_stride, read_visual
 
-    names = list_images(cfg.images)
+    with same_everywhere():  # every rank sees the same inputs: rank 0 reports, once
+        names = list_images(cfg.images)
+        _claim(cfg, write=False)  # also when all is done: other settings must not pass as done
     mine = names[rank::world]
     root = _root(cfg.images)
     todo = [n for n in mine if not os.path.isfile(os.path.join(cfg.out, n + ".npy"))]
@@ -159,10 +174,11 @@ def extract(cfg: EVAFeaturesConfig, rank: int = 0, world: int = 1, local_rank: i
         return counts
     device = _device(cfg, local_rank)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    state = read_visual(cfg.checkpoint)
-    # a bad --image-tokens fails now, not after loading 4B weights
-    pool_stride(config_from_state(state, cfg.heads).grid ** 2, cfg.image_tokens)
-    _claim(cfg)
+    with same_everywhere():
+        state = read_visual(cfg.checkpoint)
+        # a bad --image-tokens fails now, not after loading 4B weights
+        pool_stride(config_from_state(state, cfg.heads).grid ** 2, cfg.image_tokens)
+        _claim(cfg, write=True)
     model = load_eva(state, heads=cfg.heads, dtype=dtype).to(device)
     model.eval()
     for start in range(0, len(todo), cfg.batch):
@@ -193,9 +209,10 @@ def add_parser(sub) -> None:
 def run_cli(args, progress=print) -> int:
     from megalora.distributed import detect
 
-    cfg = EVAFeaturesConfig(checkpoint=args.checkpoint, images=args.images, out=args.out,
-                            heads=args.heads, image_tokens=args.image_tokens, batch=args.batch,
-                            device=args.device, dtype=args.dtype)
+    with same_everywhere():
+        cfg = EVAFeaturesConfig(checkpoint=args.checkpoint, images=args.images, out=args.out,
+                                heads=args.heads, image_tokens=args.image_tokens,
+                                batch=args.batch, device=args.device, dtype=args.dtype)
     env = detect()
     counts = extract(cfg, env.rank, env.world_size, env.local_rank, progress)
     progress(f"eva-features: rank {env.rank}/{env.world_size}: wrote {counts['written']}, "

@@ -306,7 +306,7 @@ def test_read_visual_from_a_sharded_folder_and_a_wrapped_bin(tmp_path):
         read_visual(str(tmp_path / "two"))
 
 
-def test_eva_features_refuse_escaping_paths_stale_outputs_and_bad_images(tmp_path):
+def test_eva_features_refuse_escaping_paths_stale_outputs_and_bad_images(tmp_path, capsys):
     from megalora.umm.eva_features import EVAFeaturesConfig, extract, list_images
 
     ckpt, _ = _checkpoint(tmp_path)
@@ -324,10 +324,21 @@ def test_eva_features_refuse_escaping_paths_stale_outputs_and_bad_images(tmp_pat
 
     with pytest.raises(ValueError, match="dividing 16 patches evenly"):
         extract(cfg(image_tokens=9), progress=lambda m: None)
+    assert not (tmp_path / "out" / "eva-features.json").exists()  # nothing claimed by a failure
     assert extract(cfg(), progress=lambda m: None)["written"] == 2
+    # every image done: other settings are still refused, not taken as done
+    with pytest.raises(ValueError, match="holds features made with") as done:
+        extract(cfg(image_tokens=1), progress=lambda m: None)
     (tmp_path / "out" / "img0.png.npy").unlink()
     with pytest.raises(ValueError, match="holds features made with"):
         extract(cfg(image_tokens=1), progress=lambda m: None)
+    # the same on every rank: rank 0 prints it once, other ranks print nothing
+    from megalora.errors import report
+
+    assert report(done.value, 1, verbose=False) == 2
+    assert capsys.readouterr().err == ""
+    assert report(done.value, 0, verbose=False) == 2
+    assert capsys.readouterr().err.startswith("megalora: error: ")
     (tmp_path / "imgs" / "img0.png").write_bytes(b"truncated")
     with pytest.raises(ValueError, match="image 'img0.png' .* cannot be read"):
         extract(cfg(), progress=lambda m: None)
