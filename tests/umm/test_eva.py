@@ -159,6 +159,11 @@ def test_eva_checkpoint_errors_name_the_tensor(tmp_path):
         read_visual(str(path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_visual(str(tmp_path / "nope.bin"))
+    torch.save({"visual.pos_embed": torch.zeros(1, 17, 16)}, tmp_path / "legacy.bin",
+               _use_new_zipfile_serialization=False)  # cannot be memory-mapped
+    with pytest.raises(ValueError, match="not a torch zip checkpoint .* convert it once to "
+                                         ".safetensors"):
+        read_visual(str(tmp_path / "legacy.bin"))
     with pytest.raises(ValueError, match=r"expects images \[B, 3, 16, 16\]"):
         load_eva(state, heads=2)(torch.zeros(1, 3, 8, 8))
 
