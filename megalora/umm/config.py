@@ -18,6 +18,7 @@ from megalora.config import LoRAConfig
 from megalora.hydra.config import HydraConfig
 from megalora.umm.config_io import coerce_fields, load_yaml
 from megalora.pareto.engine import ParetoConfig
+from megalora.umm.tokens import NUM_SPECIAL
 
 
 def _positive(section: str, obj, *names: str) -> None:
@@ -72,6 +73,23 @@ class UMMModelConfig:
     """A LLaMA-architecture Hugging Face checkpoint directory (config.json + safetensors) whose
     weights replace the random base (``megalora.umm.hf.import_llama``); its config must match
     the fields above. The visual connectors keep their init."""
+    emu2_checkpoint: Optional[str] = None
+    """An Emu2 checkpoint (BAAI): a native file (``.bin``/``.pth``/``.safetensors``, Emu2-Gen's
+    too) or a Hugging Face folder (sharded, with its index). Its decoder, vocabulary rows and
+    ``project_up``/``project_down`` replace the random base (``megalora.umm.emu2``); the sizes
+    above must match its shapes. Not with ``hf_checkpoint``."""
+    extra_vocab: Optional[int] = 0
+    """Vocabulary rows after the 4 special tokens that the data does not use as UMM tokens
+    (Emu2: 268 grounding/patch-index tokens; Emu2-Chat: 270). None = read it from
+    ``emu2_checkpoint``'s embedding."""
+
+    def vocab_rows(self) -> int:
+        """Rows of the embedding and output layer before TP padding: text, the 4 special
+        tokens, ``extra_vocab``."""
+        if self.extra_vocab is None:
+            raise ValueError("model.extra_vocab is null and was not read from "
+                             "model.emu2_checkpoint (megalora.umm.emu2.resolve_vocab)")
+        return self.base_vocab + NUM_SPECIAL + self.extra_vocab
 
     def validate(self) -> None:
         _positive("model", self, "num_layers", "hidden_size", "num_attention_heads",
@@ -89,6 +107,17 @@ class UMMModelConfig:
                              f"{self.image_loss!r}")
         if self.text_loss_weight < 0 or self.image_loss_weight < 0:
             raise ValueError("model.text_loss_weight and model.image_loss_weight must be >= 0")
+        if self.hf_checkpoint and self.emu2_checkpoint:
+            raise ValueError("model.hf_checkpoint and model.emu2_checkpoint are both set: an "
+                             "Emu2 checkpoint already holds the decoder; keep one")
+        if self.extra_vocab is None and not self.emu2_checkpoint:
+            raise ValueError("model.extra_vocab=null means 'read it from model.emu2_checkpoint', "
+                             "which is not set: give a number (0 without Emu2)")
+        if self.extra_vocab is not None and (not isinstance(self.extra_vocab, int)
+                                             or isinstance(self.extra_vocab, bool)
+                                             or self.extra_vocab < 0):
+            raise ValueError(f"model.extra_vocab must be an int >= 0 or null, got "
+                             f"{self.extra_vocab!r}")
 
 
 @dataclass
@@ -285,6 +314,11 @@ class RunConfig:
                              f"num_attention_heads={self.vision.num_attention_heads} and vision."
                              f"ffn_hidden_size={self.vision.ffn_hidden_size} (the encoder shares "
                              "the decoder's TP group)")
+        if self.vision.enabled and self.model.emu2_checkpoint:
+            raise ValueError("vision.enabled with model.emu2_checkpoint: the in-loop encoder is "
+                             "megatron-core's CLIP ViT, which cannot hold Emu2's EVA-CLIP; set "
+                             "vision.enabled: false and precompute the features with `megalora "
+                             "eva-features` (docs/emu2.md)")
         if self.lora.routing == "modality" and self.lora.num_heads != 2:
             # the UMM's tokens carry two modality ids (text 0, image span 1): a third head
             # would never see a token and never train

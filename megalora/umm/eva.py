@@ -24,7 +24,6 @@ from shapes, so it is a parameter (16 for EVA-CLIP-E: head width 112).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
@@ -208,62 +207,15 @@ def visual_root(keys: Sequence[str]) -> str:
                      f"{list(VISUAL_ROOTS)} (first keys: {sorted(keys)[:5]})")
 
 
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-"""A sharded checkpoint's index (``weight_map``: key -> shard file)."""
-
-
-def _file_keys(path: str):
-    """(keys, get(key)) of one checkpoint file: .safetensors opened lazily, .bin/.pth
-    memory-mapped (torch's zip format; Emu2's own loader unwraps a ``module`` entry)."""
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        fh = safe_open(path, framework="pt")
-        return list(fh.keys()), fh.get_tensor
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as exc:  # a legacy (non-zip) pickle cannot be memory-mapped
-        raise ValueError(f"{path!r} is not a torch zip checkpoint that can be memory-mapped "
-                         f"({exc}); convert it once to .safetensors") from exc
-    if isinstance(state, dict) and isinstance(state.get("module"), dict):
-        state = state["module"]
-    return list(state), state.__getitem__
-
-
-def _shards(path: str):
-    """The files of a checkpoint: ``path`` itself, or a folder's shards by its index (only
-    those holding an encoder tensor), or a folder's lone weight file."""
-    import json
-
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Emu2 checkpoint {path!r} does not exist")
-    for name in INDEX_FILES:
-        index = os.path.join(path, name)
-        if os.path.isfile(index):
-            with open(index) as fh:
-                weight_map = json.load(fh)["weight_map"]
-            root = visual_root(list(weight_map))
-            return sorted({os.path.join(path, f) for k, f in weight_map.items()
-                           if k.startswith(root)})
-    files = [f for f in sorted(os.listdir(path)) if f.endswith((".safetensors", ".bin", ".pth"))]
-    if len(files) != 1:
-        raise ValueError(f"Emu2 checkpoint folder {path!r} has no {' or '.join(INDEX_FILES)} "
-                         f"and {len(files)} weight files; point --checkpoint at one file")
-    return [os.path.join(path, files[0])]
-
-
 def read_visual(path: str) -> Dict[str, torch.Tensor]:
     """Only the ``visual.*`` tensors of an Emu2 checkpoint (keys without the root): a file
     (.safetensors read tensor by tensor, .bin/.pth memory-mapped) or a sharded folder with its
-    index, whose shards without encoder tensors are not opened."""
-    state: Dict[str, torch.Tensor] = {}
-    for shard in _shards(path):
-        keys, get = _file_keys(shard)
-        root = visual_root(keys)
-        state.update({k[len(root):]: get(k) for k in keys if k.startswith(root)})
-    return state
+    index, whose shards without encoder tensors are not opened (``CheckpointFiles``)."""
+    from megalora.umm.ckpt_files import CheckpointFiles
+
+    files = CheckpointFiles(path)
+    root = visual_root(files.keys())
+    return {k[len(root):]: files.get(k) for k in files.keys() if k.startswith(root)}
 
 
 def config_from_state(state: Dict[str, torch.Tensor], heads: int) -> EVAConfig:

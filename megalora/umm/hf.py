@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megalora.atomic import atomic_write_bytes
 from megalora.sharding import FactorSharding, shard, unshard
+from megalora.umm.ckpt_files import CheckpointFiles
 from megalora.umm.hf_mapping import (LORA_FACTORS, check_llama_config, hf_entry, join,
                                      llama_config, merged_tensors, peft_adapter_config,
                                      peft_tensors)
@@ -32,47 +33,6 @@ logger = logging.getLogger("megalora")
 
 
 # ---------------------------------------------------------------------- reading a checkpoint
-class _SafetensorsReader:
-    """Reads named tensors from a (possibly sharded) safetensors checkpoint directory."""
-
-    def __init__(self, path: str):
-        self.path, self._open = path, {}
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as fh:
-                self.where = json.load(fh)["weight_map"]
-            return
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{path!r} has no *.safetensors files (a pytorch_model.bin "
-                                    "checkpoint must be converted to safetensors first)")
-        self.where = {key: f for f in files for key in self._file(f).keys()}
-
-    def _file(self, name: str):
-        if name not in self._open:
-            from safetensors import safe_open
-
-            full = os.path.join(self.path, name)
-            try:
-                self._open[name] = safe_open(full, framework="pt")
-            except Exception as exc:
-                raise ValueError(f"checkpoint file {full!r} is not a readable safetensors file "
-                                 f"(missing, truncated or corrupt?): {exc}") from exc
-        return self._open[name]
-
-    def get(self, name: str, needed_for: str) -> torch.Tensor:
-        if name not in self.where:
-            raise ValueError(f"checkpoint {self.path!r} has no tensor {name!r} (needed for "
-                             f"{needed_for}); is it a complete LLaMA-architecture checkpoint?")
-        try:
-            return self._file(self.where[name]).get_tensor(name)
-        except ValueError:
-            raise
-        except Exception as exc:
-            raise ValueError(f"checkpoint {self.path!r}: cannot read {name!r} from "
-                             f"{self.where[name]!r} (corrupt file?): {exc}") from exc
-
-
 class _DictReader:
     def __init__(self, state: Dict[str, torch.Tensor]):
         self.state = state
@@ -83,7 +43,7 @@ class _DictReader:
         return self.state[name]
 
 
-def _tp() -> Tuple[int, int]:
+def tp_info() -> Tuple[int, int]:
     from megatron.core import parallel_state as ps
 
     if not ps.is_initialized():
@@ -91,17 +51,18 @@ def _tp() -> Tuple[int, int]:
     return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
 
 
-def _param_spec(param) -> FactorSharding:
+def param_spec(param) -> FactorSharding:
     """How Megatron split ``param`` over TP (dim None = replicated)."""
-    if getattr(param, "tensor_model_parallel", False) and _tp()[0] > 1:
+    if getattr(param, "tensor_model_parallel", False) and tp_info()[0] > 1:
         return FactorSharding(getattr(param, "partition_dim", 0),
                               getattr(param, "partition_stride", 1) or 1)
     return FactorSharding(None)
 
 
-def _base_params(model):
-    """(canonical name, conversion kind, HF names, parameter) of every LLaMA-mapped base
-    parameter of this stage, in module order (the same on every TP rank)."""
+def base_params(model, entry: Callable = hf_entry):
+    """(canonical name, conversion kind, checkpoint names, parameter) of every base parameter of
+    this stage that ``entry`` maps (default: to LLaMA), in module order (the same on every TP
+    rank)."""
     from megalora.inject import canonical_names
 
     names = canonical_names(model)
@@ -110,9 +71,9 @@ def _base_params(model):
         if leaf in LORA_FACTORS:
             continue
         canonical = f"{names[module_path]}.{leaf}"
-        entry = hf_entry(canonical)
-        if entry is not None:
-            yield canonical, entry[0], entry[1], param
+        found = entry(canonical)
+        if found is not None:
+            yield canonical, found[0], found[1], param
 
 
 def import_llama(model, path_or_state, hf_config: Optional[dict] = None) -> List[str]:
@@ -133,21 +94,21 @@ def import_llama(model, path_or_state, hf_config: Optional[dict] = None) -> List
                                     "(no config.json)")
         with open(cfg_path) as fh:
             hf_config = json.load(fh)
-        reader = _SafetensorsReader(path)
+        reader = CheckpointFiles(path)
     else:
         reader = _DictReader(path_or_state)
     if hf_config is not None:
         check_llama_config(hf_config, m)
     tied = bool((hf_config or {}).get("tie_word_embeddings", False))
-    tp, rank = _tp()
+    tp, rank = tp_info()
     padded = model.llm.vocab_size
     loaded = []
     with torch.no_grad():
-        for canonical, kind, hf_names, param in _base_params(model):
+        for canonical, kind, hf_names, param in base_params(model):
             if tied and hf_names == ("lm_head.weight",):
                 hf_names = ("model.embed_tokens.weight",)
             full = join(kind, [reader.get(n, canonical) for n in hf_names], m, padded)
-            local = shard(full, _param_spec(param), rank, tp)
+            local = shard(full, param_spec(param), rank, tp)
             if local.shape != param.shape:
                 raise ValueError(f"{canonical}: the checkpoint gives {tuple(full.shape)} (this "
                                  f"rank's slice {tuple(local.shape)}) but the parameter is "
@@ -158,9 +119,9 @@ def import_llama(model, path_or_state, hf_config: Optional[dict] = None) -> List
 
 
 # ---------------------------------------------------------------------- gathering for export
-def _full_base(param, group) -> torch.Tensor:
+def full_base(param, group) -> torch.Tensor:
     """The unsharded base parameter (collective over TP when it is split)."""
-    spec = _param_spec(param)
+    spec = param_spec(param)
     if spec.dim is None:
         return param.detach().cpu().clone()
     pieces = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
@@ -174,7 +135,7 @@ def _lora_config(model):
     return lora_config_of(model)
 
 
-def _agree(error: Optional[str]) -> None:
+def agree(error: Optional[str]) -> None:
     """Raise ``error`` on every rank when any rank has one (so no rank waits in a collective)."""
     errors = [error]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -186,14 +147,15 @@ def _agree(error: Optional[str]) -> None:
         raise AgreedError(found)  # the same on every rank: printed once
 
 
-def _check_exportable(model, head: int) -> None:
-    """Router-routed or wrongly merged LLaMA-mapped adapters cannot become one LoRA per module."""
+def check_exportable(model, head: int, entry: Callable = hf_entry) -> None:
+    """Router-routed or wrongly merged adapters of modules ``entry`` maps cannot become one
+    LoRA per module."""
     from megalora.inject import lora_modules
 
     error = None
     for layer in lora_modules(model):
         s = layer.lora_settings
-        if hf_entry(f"{layer.lora_name}.weight") is None:
+        if entry(f"{layer.lora_name}.weight") is None:
             continue
         if s.routing == "router":
             error = (f"{layer.lora_name}: routing='router' mixes the B heads per token with a "
@@ -206,12 +168,13 @@ def _check_exportable(model, head: int) -> None:
                      f"weight; unmerge_lora first to export head {head}")
         if error:
             break
-    _agree(error)
+    agree(error)
 
 
-def _collect(model, with_base: bool) -> Optional[dict]:
+def collect(model, with_base: bool, entry: Callable = hf_entry) -> Optional[dict]:
     """On global rank 0: the full adapter tensors, per-module settings and (``with_base``) full
-    base tensors of all stages; None elsewhere. Collective over the whole world."""
+    base tensors (those ``entry`` maps) of all stages; None elsewhere. Collective over the whole
+    world."""
     from megatron.core import parallel_state as ps
 
     from megalora.adapter_file import adapter_state, module_manifest, stage_leader
@@ -219,8 +182,8 @@ def _collect(model, with_base: bool) -> Optional[dict]:
 
     lora = adapter_state(model)
     group = ps.get_tensor_model_parallel_group() if ps.is_initialized() else None
-    base = {c: (kind, names, _full_base(p, group)) for c, kind, names, p in _base_params(model)} \
-        if with_base else {}
+    base = {c: (kind, names, full_base(p, group))
+            for c, kind, names, p in base_params(model, entry)} if with_base else {}
     modules = module_manifest(model)
     for layer in lora_modules(model):
         modules[layer.lora_name]["merged_head"] = layer.lora_merged_head
@@ -239,7 +202,7 @@ def _collect(model, with_base: bool) -> Optional[dict]:
     return out
 
 
-def _on_rank0(fn: Callable[[], None]) -> None:
+def on_rank0(fn: Callable[[], None]) -> None:
     """Run ``fn`` on global rank 0 and re-raise its error on every rank."""
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -256,7 +219,7 @@ def _on_rank0(fn: Callable[[], None]) -> None:
             raise RuntimeError(f"export failed on rank 0: {box[0]}")
 
 
-def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
+def write_safetensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save
 
     # clones: A is shared by q/k/v (gate/up) and safetensors refuses aliased storage
@@ -264,7 +227,7 @@ def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
     atomic_write_bytes(path, save(data, metadata={"format": "pt"}))
 
 
-def _write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -279,10 +242,10 @@ def export_peft(model, out_dir: str, head: int = 0, base_model: Optional[str] = 
     LLaMA has no equivalent for (vision encoder) are skipped with a warning.
     """
     config = _lora_config(model)
-    _agree(None if config is not None else "export_peft: the model has no LoRA adapters; "
+    agree(None if config is not None else "export_peft: the model has no LoRA adapters; "
            "call megalora.apply_lora (and load_adapter) first")
-    _check_exportable(model, head)
-    got = _collect(model, with_base=False)
+    check_exportable(model, head)
+    got = collect(model, with_base=False)
     result = {}
 
     def write():
@@ -295,11 +258,11 @@ def export_peft(model, out_dir: str, head: int = 0, base_model: Optional[str] = 
             raise ValueError("export_peft: no adapted module maps to LlamaForCausalLM")
         cfg = peft_adapter_config(config, settings, head, m.num_layers,
                                   base_model or m.hf_checkpoint)
-        _write_safetensors(os.path.join(out_dir, "adapter_model.safetensors"), tensors)
-        _write_json(os.path.join(out_dir, "adapter_config.json"), cfg)
+        write_safetensors(os.path.join(out_dir, "adapter_model.safetensors"), tensors)
+        write_json(os.path.join(out_dir, "adapter_config.json"), cfg)
         result["config"] = cfg
 
-    _on_rank0(write)
+    on_rank0(write)
     return result.get("config")
 
 
@@ -308,8 +271,8 @@ def export_merged(model, out_dir: str, head: int = 0) -> None:
     """Write ``config.json`` + ``model.safetensors`` of a ``LlamaForCausalLM`` whose weights are
     the base with the LoRA delta (B head ``head``) merged in; text vocabulary rows only.
     Collective over all ranks; global rank 0 writes. Works without adapters (base only)."""
-    _check_exportable(model, head)
-    got = _collect(model, with_base=True)
+    check_exportable(model, head)
+    got = collect(model, with_base=True)
 
     def write():
         m = model.run.model
@@ -324,7 +287,7 @@ def export_merged(model, out_dir: str, head: int = 0) -> None:
             with open(os.path.join(m.hf_checkpoint, "config.json")) as fh:
                 base = json.load(fh)
         dtype = next(iter(tensors.values())).dtype
-        _write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
-        _write_json(os.path.join(out_dir, "config.json"), llama_config(m, dtype, base))
+        write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
+        write_json(os.path.join(out_dir, "config.json"), llama_config(m, dtype, base))
 
-    _on_rank0(write)
+    on_rank0(write)

@@ -1,7 +1,9 @@
 """``megalora export-peft`` and ``megalora export-merged``: a trained adapter as a PEFT LoRA
-adapter for ``LlamaForCausalLM``, or that model's weights with the adapter merged in. Run them
-under torchrun at the run config's layout (a TP = PP = 1 config also runs without); the model
-is built with the adapter's own LoRA settings (``export_lora_config``)."""
+adapter for ``LlamaForCausalLM``, or that model's weights with the adapter merged in. With
+``model.emu2_checkpoint`` set, both write Emu2's names instead (``megalora.umm.emu2``; ``--layout
+hf`` or ``native``). Run them under torchrun at the run config's layout (a TP = PP = 1 config
+also runs without); the model is built with the adapter's own LoRA settings
+(``export_lora_config``)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ def add_parsers(subparsers) -> None:
         p.add_argument("--out", required=True, help="output directory")
         p.add_argument("--head", type=int, default=0,
                        help="B head of a multi-head adapter (modality routing: 0 = text)")
+        p.add_argument("--layout", choices=("hf", "native"), default=None,
+                       help="Emu2 names to write (with model.emu2_checkpoint): hf = Emu2's "
+                            "Hugging Face model (PEFT's default), native = Emu2's own .bin "
+                            "layout (the merged default)")
         p.add_argument("overrides", nargs="*", help="section.field=value")
         p.set_defaults(handler=handler)
 
@@ -89,13 +95,22 @@ def _cli_export(args, merged: bool) -> int:
         adapter = os.path.join(adapter, "adapter.safetensors")
     manifest = read_manifest(adapter)  # clear errors before any process group exists
     lora = export_lora_config(adapter, manifest, run.lora, _given_lora_fields(args))
-    if not run.model.hf_checkpoint:
+    emu2 = bool(run.model.emu2_checkpoint)
+    if not (run.model.hf_checkpoint or emu2):
         logger.warning("megalora: model.hf_checkpoint is not set: the base is the random init "
                        "(fine for a PEFT adapter, not for a merged model)")
+    if args.layout and not emu2:
+        raise ValueError("--layout picks Emu2's names; it needs model.emu2_checkpoint")
     with parallel_session(run) as device:
         model, _ = build_model(run, device, lora=lora)
         megalora.load_adapter(model, adapter)
-        if merged:
+        if emu2:
+            from megalora.umm.emu2 import export_emu2_merged, export_emu2_peft
+            if merged:
+                export_emu2_merged(model, args.out, args.head, args.layout or "native")
+            else:
+                export_emu2_peft(model, args.out, args.head, args.layout or "hf")
+        elif merged:
             export_merged(model, args.out, head=args.head)
         else:
             export_peft(model, args.out, head=args.head)

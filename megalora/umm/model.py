@@ -130,7 +130,7 @@ class UMMModel(torch.nn.Module):
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.llm = _decoder_class()(
             config=self.config, transformer_layer_spec=_layer_spec(self.config, False),
-            vocab_size=padded_vocab_size(self.special.vocab_size),
+            vocab_size=padded_vocab_size(m.vocab_rows()),
             max_sequence_length=m.max_seq_length, pre_process=pre_process,
             post_process=post_process, share_embeddings_and_output_weights=False,
             position_embedding_type="rope", rotary_base=m.rope_base)

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 from megalora.umm.config import RunConfig
-from megalora.umm.tokens import SpecialTokens, padded_vocab_size
+from megalora.umm.tokens import padded_vocab_size
 
 GB = 1e9
 
@@ -210,7 +210,7 @@ def stage_counts(run: RunConfig, tp: int, pp: int, stage: int) -> StageCounts:
     if m.num_layers % pp or not 0 <= stage < pp:
         raise ValueError(f"stage {stage} of PP={pp} for model.num_layers={m.num_layers}")
     counts = StageCounts()
-    vocab = padded_vocab_size(SpecialTokens(m.base_vocab).vocab_size)
+    vocab = padded_vocab_size(m.vocab_rows())
     per_stage = m.num_layers // pp
     linears = _linears(run, False)
     for i in range(stage * per_stage, (stage + 1) * per_stage):
@@ -288,7 +288,7 @@ def activation_bytes(run: RunConfig, layout: ParallelLayout, counts: StageCounts
         kept = counts.layers * tokens * h / t_sp * e * in_flight + layer
     else:
         kept = counts.layers * layer * in_flight
-    vocab = padded_vocab_size(SpecialTokens(m.base_vocab).vocab_size)
+    vocab = padded_vocab_size(m.vocab_rows())
     logits = 4.0 * tokens * vocab / t if stage == layout.pp - 1 else 0.0
     return kept, logits
 
@@ -335,7 +335,7 @@ def step_time(run: RunConfig, layout: ParallelLayout, hw: Hardware, cuda: bool =
     s = run.data.seq_length
     # matmul weights: everything but the embedding table (a lookup, not a matmul)
     n_dense = stage_counts(run, 1, 1, 0).frozen - \
-        padded_vocab_size(SpecialTokens(m.base_vocab).vocab_size) * m.hidden_size
+        padded_vocab_size(m.vocab_rows()) * m.hidden_size
     attn = 4 * s * m.hidden_size * m.num_layers
     per_token = 4 * n_dense + 3 * attn + (2 * n_dense + attn if layout.recompute else 0)
     tokens = s * run.train.micro_batch_size * layout.microbatches

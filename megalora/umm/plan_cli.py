@@ -92,6 +92,9 @@ def default_global_batch(run: RunConfig, gpus: Optional[int]) -> int:
 
 def run(args) -> int:
     cfg = RunConfig.from_yaml(args.config, args.overrides)
+    if cfg.model.emu2_checkpoint:
+        from megalora.umm.emu2 import resolve_vocab
+        cfg = resolve_vocab(cfg)  # model.extra_vocab: null -> read from the checkpoint
     hw = Hardware(gpu_memory_gb=args.gpu_memory, gpus_per_node=args.gpus_per_node)
     if args.gpus is not None and args.gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {args.gpus}")

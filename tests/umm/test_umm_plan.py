@@ -159,7 +159,8 @@ def test_emu2_plan_fits_80gb_gpus():
     whole = stage_counts(run, 1, 1, 0)
     # closed form (research notes): 60 x (4 h^2 + 3 h f) + 2 x vocab x h + connectors
     h, f = 6656, 17920
-    closed = 60 * (4 * h * h + 3 * h * f + 2 * h) + 2 * 32128 * h + h + 2 * 1792 * h
+    # vocabulary: 32000 + 4 specials + 268 Emu2 rows = 32272, padded to 32384 for TP
+    closed = 60 * (4 * h * h + 3 * h * f + 2 * h) + 2 * 32384 * h + h + 2 * 1792 * h
     assert whole.frozen == closed
     hw = Hardware()
     gpus = smallest_gpu_count(run, hw, 16)

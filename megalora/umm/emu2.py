@@ -1,0 +1,327 @@
+"""Emu2's checkpoints in and out of the UMM (layout: docs/emu2.md).
+
+- ``import_emu2(model, path)``: Emu2's decoder (a LLaMA under ``decoder.lm.``), all its
+  vocabulary rows and the ``project_up`` / ``project_down`` connectors into this rank's stage,
+  at any TP/PP/SP layout. Each rank reads only the tensors of its own stage.
+- ``export_emu2_peft(model, out_dir, head)``: the adapter as PEFT LoRA on Emu2's own module
+  names (Hugging Face layout ``model.decoder.lm.model.layers.N...``, or native names).
+- ``export_emu2_merged(model, out_dir, head)``: a checkpoint in Emu2's layout with the LoRA
+  folded in, that Emu2's loader reads strictly: no ``rotary_emb.inv_freq`` (transformers 4.31,
+  which Emu2 pins, does not save it) and the encoder's ``visual.*`` tensors copied from the
+  source checkpoint.
+
+Three layouts are recognised by where ``decoder.lm.model.embed_tokens.weight`` sits: native
+Emu2 / Emu2-Chat (no root), Hugging Face (``model.``; connectors at the top) and Emu2-Gen
+(``multimodal_encoder.`` for everything; its ``unet.*``, ``vae.*`` and ``safety_checker.*``
+are not read). A Gen Hugging Face folder is read from its ``multimodal_encoder/`` sub-folder.
+
+Emu2 adds [PAD], [IMG], [/IMG], <image> right after LLaMA's 32000 text ids: the UMM's 4
+special tokens at base_vocab + 0..3, so ids need no remapping. The 268 (Emu2-Chat: 270) rows
+after them are kept as ``model.extra_vocab`` rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from megalora.sharding import shard
+from megalora.umm.ckpt_files import INDEX_FILES, CheckpointFiles
+from megalora.umm.hf import (agree, base_params, check_exportable, collect, on_rank0,
+                             param_spec, tp_info, write_json, write_safetensors)
+from megalora.umm.hf_mapping import hf_entry, join, peft_adapter_config, split
+
+logger = logging.getLogger("megalora")
+
+EMBED = "decoder.lm.model.embed_tokens.weight"
+CONNECTORS = ("project_up.weight", "project_down.weight")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one of Emu2's checkpoint layouts keeps our tensors."""
+
+    name: str
+    root: str
+    """Prefix of ``visual.*`` and ``decoder.*``."""
+    connectors: str
+    """Prefix of ``project_up`` / ``project_down``."""
+
+
+LAYOUTS = {"native": Layout("native", "", ""), "hf": Layout("hf", "model.", ""),
+           "gen": Layout("gen", "multimodal_encoder.", "multimodal_encoder.")}
+
+
+def emu2_entry(layout: Layout) -> Callable[[str], Optional[Tuple[str, Tuple[str, ...]]]]:
+    """canonical UMM parameter -> (conversion kind, Emu2 names) in ``layout``; None when Emu2
+    has no such tensor. Kinds: ``rows`` (all vocabulary rows), else ``hf_mapping.join``'s."""
+    def entry(canonical: str):
+        if canonical in CONNECTORS:
+            return "plain", (layout.connectors + canonical,)
+        found = hf_entry(canonical)
+        if found is None:
+            return None
+        kind, names = found
+        return ("rows" if kind == "vocab" else kind), \
+            tuple(f"{layout.root}decoder.lm.{n}" for n in names)
+    return entry
+
+
+def open_emu2(path: str) -> Tuple[CheckpointFiles, Layout]:
+    """The checkpoint's files and its layout; refused naming what was looked for."""
+    path = os.fspath(path)
+    sub = os.path.join(path, "multimodal_encoder")
+    if os.path.isdir(sub) and not any(os.path.isfile(os.path.join(path, n)) for n in INDEX_FILES):
+        path = sub  # Emu2-Gen's Hugging Face folder: the LLM and EVA live in this sub-folder
+    files = CheckpointFiles(path)
+    for layout in LAYOUTS.values():
+        if layout.root + EMBED in files:
+            return files, layout
+    keys = sorted(files.keys())
+    raise ValueError(f"{path!r} is not an Emu2 checkpoint: it has none of "
+                     f"{[lay.root + EMBED for lay in LAYOUTS.values()]} (first keys: {keys[:4]})")
+
+
+def checkpoint_vocab_rows(path: str) -> int:
+    """Rows of the checkpoint's embedding (read from the header)."""
+    files, layout = open_emu2(path)
+    return files.shape(layout.root + EMBED)[0]
+
+
+def resolve_vocab(run):
+    """``run`` with ``model.extra_vocab`` read from ``model.emu2_checkpoint`` when it is null
+    (a new RunConfig; ``run`` is not changed)."""
+    m = run.model
+    if m.extra_vocab is not None:
+        return run
+    rows = checkpoint_vocab_rows(m.emu2_checkpoint)
+    extra = rows - m.base_vocab - 4
+    if extra < 0:
+        raise ValueError(f"the Emu2 checkpoint's embedding has {rows} rows, fewer than "
+                         f"model.base_vocab={m.base_vocab} + 4 special tokens; set "
+                         "model.base_vocab to its text vocabulary (Emu2: 32000)")
+    logger.info("megalora: model.extra_vocab=%d, read from %s (%d rows)", extra,
+                m.emu2_checkpoint, rows)
+    return dataclasses.replace(run, model=dataclasses.replace(m, extra_vocab=extra))
+
+
+def _layer_count(keys: List[str], root: str) -> int:
+    pattern = re.compile(re.escape(root) + r"decoder\.lm\.model\.layers\.(\d+)\.")
+    found = {int(m.group(1)) for m in map(pattern.match, keys) if m}
+    return 1 + max(found) if found else 0
+
+
+def check_shapes(files: CheckpointFiles, layout: Layout, m) -> None:
+    """Refuse a checkpoint whose sizes differ from ``run.model``'s, naming key, shapes and the
+    field to set. Heads are not in the shapes: ``model.num_attention_heads`` is trusted."""
+    r = layout.root + "decoder.lm."
+    rows, hidden = files.shape(r + "model.embed_tokens.weight")
+    checks = [
+        (r + "model.embed_tokens.weight", (rows, hidden), "hidden_size", m.hidden_size, 1),
+        (r + "model.layers.0.mlp.gate_proj.weight", None, "ffn_hidden_size",
+         m.ffn_hidden_size, 0),
+        (layout.connectors + "project_up.weight", None, "visual_dim", m.visual_dim, 1),
+    ]
+    for key, shape, name, want, dim in checks:
+        shape = shape or files.shape(key, f"model.{name}")
+        if shape[dim] != want:
+            raise ValueError(f"{key!r}: the checkpoint has {list(shape)}, so model.{name} must "
+                             f"be {shape[dim]} (it is {want}): set model.{name}: {shape[dim]}")
+    layers = _layer_count(files.keys(), layout.root)
+    if layers != m.num_layers:
+        raise ValueError(f"the Emu2 checkpoint has {layers} decoder layers but "
+                         f"model.num_layers={m.num_layers}: set model.num_layers: {layers}")
+    if rows != m.vocab_rows():
+        extra = rows - m.base_vocab - 4
+        fix = (f"set model.extra_vocab: {extra} (or null to read it)" if extra >= 0 else
+               "set model.base_vocab to the text vocabulary (Emu2: 32000)")
+        raise ValueError(f"{r}model.embed_tokens.weight has {rows} rows but model.base_vocab="
+                         f"{m.base_vocab} + 4 special tokens + model.extra_vocab="
+                         f"{m.extra_vocab} = {m.vocab_rows()}: {fix}")
+    head_rows = files.shape(r + "lm_head.weight", "the output layer")[0]
+    if head_rows != rows:
+        raise ValueError(f"{r}lm_head.weight has {head_rows} rows but the embedding has {rows}")
+
+
+def _join(kind: str, tensors: List[torch.Tensor], m, padded: int) -> torch.Tensor:
+    if kind != "rows":
+        return join(kind, tensors, m, padded)
+    out = torch.zeros((padded,) + tuple(tensors[0].shape[1:]), dtype=tensors[0].dtype)
+    out[:tensors[0].shape[0]] = tensors[0]  # padding rows (for TP) stay zero
+    return out
+
+
+def import_emu2(model, path: str) -> List[str]:
+    """Load Emu2's decoder, vocabulary rows and connectors into this rank's stage of ``model``
+    (a ``UMMModel``) in place; returns the loaded canonical names. Only this stage's tensors are
+    read; each TP rank keeps its slice."""
+    m = model.run.model
+    files, layout = open_emu2(path)
+    check_shapes(files, layout, m)
+    if model.vision is not None:
+        raise ValueError("the in-loop vision encoder cannot be filled from an Emu2 checkpoint; "
+                         "set vision.enabled: false and use `megalora eva-features`")
+    entry = emu2_entry(layout)
+    tp, rank = tp_info()
+    padded = model.llm.vocab_size
+    loaded = []
+    with torch.no_grad():
+        for canonical, kind, names, param in base_params(model, entry):
+            full = _join(kind, [files.get(n, canonical) for n in names], m, padded)
+            local = shard(full, param_spec(param), rank, tp)
+            if local.shape != param.shape:
+                raise ValueError(f"{canonical} <- {', '.join(names)}: the checkpoint gives "
+                                 f"{list(full.shape)} (this rank's slice {list(local.shape)}) but "
+                                 f"the parameter is {list(param.shape)}")
+            param.copy_(local.to(device=param.device, dtype=param.dtype))
+            loaded.append(canonical)
+    logger.info("megalora: imported %d tensors of this stage from the Emu2 checkpoint %s "
+                "(%s layout)", len(loaded), path, layout.name)
+    return loaded
+
+
+# ---------------------------------------------------------------------- exports
+def _lora_config(model):
+    from megalora.inject import lora_config_of
+
+    return lora_config_of(model)
+
+
+def _b_head(got: dict, name: str, head: int) -> torch.Tensor:
+    info = got["modules"][name]
+    return got["lora"][f"{name}.lora_B"][head if info["num_heads"] > 1 else 0]
+
+
+def peft_tensors(got: dict, head: int, m, layout: Layout):
+    """PEFT tensors on Emu2's module names, per-module (rank, alpha), skipped modules."""
+    entry = emu2_entry(layout)
+    tensors, settings, skipped = {}, {}, []
+    for name, info in sorted(got["modules"].items()):
+        found = entry(f"{name}.weight")
+        if found is None:
+            skipped.append(name)
+            continue
+        kind, names = found
+        a = got["lora"][f"{name}.lora_A"]
+        for emu2_name, b_part in zip(names, split(kind, _b_head(got, name, head), m)):
+            module = emu2_name[:-len(".weight")]
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b_part
+            settings[module] = (info["rank"], info["alpha"])
+    return tensors, settings, skipped
+
+
+def export_emu2_peft(model, out_dir: str, head: int = 0, layout: str = "hf",
+                     base_model: Optional[str] = None) -> Optional[dict]:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors``: PEFT LoRA on Emu2's module
+    names in ``layout`` (``hf``: ``model.decoder.lm...``, ``native``: ``decoder.lm...``).
+    Collective over all ranks; global rank 0 writes and gets the config back."""
+    lay = _layout(layout)
+    config = _lora_config(model)
+    agree(None if config is not None else "export: the model has no LoRA adapters")
+    check_exportable(model, head, emu2_entry(lay))
+    got = collect(model, with_base=False, entry=emu2_entry(lay))
+    result = {}
+
+    def write():
+        m = model.run.model
+        tensors, settings, skipped = peft_tensors(got, head, m, lay)
+        if skipped:
+            logger.warning("megalora: the Emu2 export skipped %d adapted module(s) Emu2 has "
+                           "no equivalent for: %s", len(skipped), ", ".join(skipped))
+        if not tensors:
+            raise ValueError("export: no adapted module maps to Emu2's decoder")
+        cfg = peft_adapter_config(config, settings, head, m.num_layers,
+                                  base_model or m.emu2_checkpoint)
+        # Emu2 is a custom (remote-code) model, not a transformers CAUSAL_LM class: PEFT wraps
+        # it as a plain module. Names are exact (a leaf like "proj" would hit EVA's too).
+        cfg["task_type"] = None
+        cfg["target_modules"] = "^(?:" + "|".join(re.escape(k) for k in sorted(settings)) + ")$"
+        write_safetensors(os.path.join(out_dir, "adapter_model.safetensors"), tensors)
+        write_json(os.path.join(out_dir, "adapter_config.json"), cfg)
+        result["config"] = cfg
+
+    on_rank0(write)
+    return result.get("config")
+
+
+def _layout(name: str) -> Layout:
+    if name not in ("hf", "native"):
+        raise ValueError(f"Emu2 export layout must be 'hf' or 'native', got {name!r}")
+    return LAYOUTS[name]
+
+
+def merged_tensors(got: dict, head: int, m, layout: Layout) -> Dict[str, torch.Tensor]:
+    """Emu2's decoder and connector tensors with each adapter folded in (fp32 maths)."""
+    out = {}
+    for canonical, (kind, names, weight) in got["base"].items():
+        module, leaf = canonical.rsplit(".", 1)
+        info = got["modules"].get(module) if leaf == "weight" else None
+        if info is not None and info["merged_head"] is None:  # merged ones already hold it
+            a = got["lora"][f"{module}.lora_A"].float()
+            b = _b_head(got, module, head).float()
+            weight = (weight.float() + info["scale"] * (b @ a)).to(weight.dtype)
+        parts = [weight[:m.vocab_rows()]] if kind == "rows" else split(kind, weight, m)
+        out.update(zip(names, parts))
+    expected = 3 + 9 * m.num_layers + len(CONNECTORS)
+    if len(out) != expected:
+        raise ValueError(f"export: gathered {len(out)} of Emu2's decoder and connector tensors, "
+                         f"expected {expected} (a pipeline stage missing?)")
+    return out
+
+
+def _visual_from(source: Optional[str], layout: Layout) -> Dict[str, torch.Tensor]:
+    """The encoder's tensors of the source checkpoint under ``layout``'s names."""
+    if not source:
+        logger.warning("megalora: model.emu2_checkpoint is not set, so the merged checkpoint "
+                       "has no visual.* (EVA) tensors; Emu2's strict loader will refuse it")
+        return {}
+    files, src = open_emu2(source)
+    root = src.root + "visual."
+    return {layout.root + k[len(src.root):]: files.get(k) for k in files.keys()
+            if k.startswith(root)}
+
+
+def export_emu2_merged(model, out_dir: str, head: int = 0, layout: str = "native") -> None:
+    """Write ``model.safetensors``: Emu2's checkpoint (``layout`` names) with the LoRA delta
+    (B head ``head``) merged into the decoder; the encoder copied from the source checkpoint;
+    no ``rotary_emb.inv_freq``. ``hf`` also copies the source folder's config, tokenizer and
+    code files. Collective over all ranks; global rank 0 writes (and holds the whole model in
+    memory: 74 GB in bf16 for Emu2)."""
+    lay = _layout(layout)
+    entry = emu2_entry(lay)
+    check_exportable(model, head, entry)
+    got = collect(model, with_base=True, entry=entry)
+
+    def write():
+        m = model.run.model
+        skipped = sorted(n for n in got["modules"] if entry(f"{n}.weight") is None)
+        if skipped:
+            logger.warning("megalora: the merged Emu2 export left out %d adapted module(s): %s",
+                           len(skipped), ", ".join(skipped))
+        tensors = merged_tensors(got, head, m, lay)
+        tensors.update(_visual_from(m.emu2_checkpoint, lay))
+        write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
+        source = m.emu2_checkpoint
+        if lay.name == "hf" and source and os.path.isdir(source):
+            _copy_support_files(source, out_dir)
+
+    on_rank0(write)
+
+
+def _copy_support_files(source: str, out_dir: str) -> None:
+    """config, tokenizer and remote-code files of an HF folder (not its weights or index)."""
+    from megalora.atomic import atomic_write_bytes
+
+    for name in sorted(os.listdir(source)):
+        full = os.path.join(source, name)
+        if os.path.isfile(full) and name not in INDEX_FILES and \
+                name.endswith((".json", ".py", ".model", ".txt")):
+            with open(full, "rb") as fh:
+                atomic_write_bytes(os.path.join(out_dir, name), fh.read())

@@ -1,0 +1,260 @@
+"""Emu2 checkpoints in and out, against a tiny Emu2 written for the tests (emu2_reference).
+
+The tiny Emu2 has Emu2's exact tensor names and structure (EVA with q_bias/v_bias and
+post-norm, decoder.lm = transformers' LlamaForCausalLM with the resized vocabulary, both
+connectors). Saved as Emu2's native .bin, the Hugging Face sharded layout and Emu2-Gen's
+prefixed safetensors, it is imported at TP=2, PP=2 and TP=2+SP. The UMM's caption logits equal
+the reference's, and its regressed features equal Emu2's ``generate_image`` loop. With LoRA, the
+PEFT export loaded by peft onto the reference and the merged export loaded strictly into it
+give the adapted UMM's outputs.
+"""
+
+import os
+
+import pytest
+import torch
+
+from emu2_reference import (EXTRA, FFN, HEADS, HIDDEN, ROWS, SLOTS, VISUAL, VOCAB, TinyEmu2,
+                            save_hf, save_native, sequences)
+from megalora.testing.dist import run_distributed
+
+
+def _model_cfg(layers, **extra):
+    return {"num_layers": layers, "hidden_size": HIDDEN, "num_attention_heads": HEADS,
+            "ffn_hidden_size": FFN, "base_vocab": VOCAB, "extra_vocab": EXTRA,
+            "image_tokens": SLOTS, "visual_dim": VISUAL, "norm_eps": 1e-6, **extra}
+
+
+def _run(model, parallel=None, **sections):
+    from megalora.umm.config import RunConfig
+
+    return RunConfig.from_dict({"model": model, "parallel": parallel or {},
+                                "train": {"device": "cpu"}, **sections})
+
+
+def _outputs(model, tokens, features):
+    """{"logits": [b, s, V_padded], "regressed": [n, visual]} on the last stage (None
+    elsewhere): stages run by hand with send/recv, gathered over TP (and SP)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megalora.umm.batch import causal_mask, collate
+
+    b, s = tokens.shape
+    samples = [{"tokens": tokens[i], "modality": torch.zeros_like(tokens[i]),
+                "features": features[i * SLOTS:(i + 1) * SLOTS]} for i in range(b)]
+    batch = collate(samples, s, model.special)
+    tp, group = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()
+    sp = model.config.sequence_parallel
+    positions = torch.arange(s).unsqueeze(0).expand(b, s)
+    with torch.no_grad():
+        decoder_input = model.embed_inputs(batch) if model.pre_process else None
+        if not model.pre_process:
+            x = torch.empty(s // (tp if sp else 1), b, HIDDEN)
+            dist.recv(x, src=ps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(x)
+        out = model.llm(batch.tokens, positions, causal_mask(s), decoder_input=decoder_input,
+                        labels=None)
+        if not model.post_process:
+            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            return None
+        parts = [torch.empty_like(out) for _ in range(tp)]
+        dist.all_gather(parts, out.contiguous(), group=group)
+        hidden = model.llm.umm_hidden
+        if sp:
+            pieces = [torch.empty_like(hidden) for _ in range(tp)]
+            dist.all_gather(pieces, hidden.contiguous(), group=group)
+            hidden = torch.cat(pieces, dim=0)
+        regressed = model.project_down(hidden.transpose(0, 1)[batch.image_target_mask])
+    return {"logits": torch.cat(parts, dim=-1), "regressed": regressed}
+
+
+def _worker(rank, world, ckpt, layers, parallel, tokens, features, out):
+    import megalora
+    from megatron.core import parallel_state as ps
+
+    from megalora.umm.emu2 import export_emu2_merged, export_emu2_peft, import_emu2
+    from megalora.umm.model import build_umm
+
+    run = _run(_model_cfg(layers, emu2_checkpoint=ckpt), parallel)
+    ps.initialize_model_parallel(tensor_model_parallel_size=run.parallel.tensor_parallel,
+                                 pipeline_model_parallel_size=run.parallel.pipeline_parallel)
+    model = build_umm(run).eval()
+    import_emu2(model, ckpt)
+    base = _outputs(model, tokens, features)
+    megalora.apply_lora(model, megalora.LoRAConfig(rank=4, alpha=8.0, init_b="gaussian",
+                                                   rank_pattern={"linear_fc2": 2}))
+    adapted = _outputs(model, tokens, features)
+    export_emu2_peft(model, os.path.join(out, "peft"), layout="hf")
+    export_emu2_merged(model, os.path.join(out, "merged"), layout="native")
+    return {"base": base, "adapted": adapted}
+
+
+def _close(got, ref, what):
+    tol = 1e-4 * ref.abs().max().item()
+    err = (got - ref).abs().max().item()
+    assert err <= tol, f"{what}: max |diff| {err:.3g} > {tol:.3g}"
+
+
+def _hf_twin(native: TinyEmu2, layers: int) -> TinyEmu2:
+    """The same weights in the Hugging Face module tree (visual, decoder under model.)."""
+    twin = TinyEmu2(layers, "hf", seed=1)
+    twin.load_state_dict({k if k.startswith("project_") else "model." + k: v
+                          for k, v in native.state_dict().items()}, strict=True)
+    return twin.eval()
+
+
+CASES = {"native-bin-tp2": (2, {"tensor_parallel": 2}),
+         "hf-sharded-pp2": (4, {"pipeline_parallel": 2}),
+         "gen-safetensors-tp2-sp": (2, {"tensor_parallel": 2, "sequence_parallel": True})}
+
+
+def _save(case, ref, layers, tmp_path):
+    if case.startswith("native"):
+        return save_native(ref, str(tmp_path / "Emu2_pytorch_model.bf16.bin"))
+    if case.startswith("hf"):
+        return save_hf(_hf_twin(ref, layers), tmp_path / "emu2_hf")
+    return save_native(ref, str(tmp_path / "pytorch_model.safetensors"),
+                       prefix="multimodal_encoder.", junk=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_emu2_import_and_exports_match_reference(tmp_path, case):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    layers, parallel = CASES[case]
+    ref = TinyEmu2(layers).eval()
+    ckpt = _save(case, ref, layers, tmp_path)
+    tokens = sequences()
+    with torch.no_grad():  # Emu2's generate_image loop gives each image's slot features
+        features = torch.cat([ref.generate_image(tokens[i, :6]) for i in range(2)])
+        # teacher-forced (one forward) regression = the loop's (the reference is consistent)
+        _close(ref.regressed(tokens, features), features, "reference: loop vs one forward")
+        logits = ref.caption_logits(tokens, features)
+    results = run_distributed(2, _worker, (ckpt, layers, parallel, tokens, features,
+                                           str(tmp_path)))
+    got = next(r for r in results if r["base"] is not None)
+    _close(got["base"]["logits"][..., :ROWS], logits, f"{case}: caption logits")
+    assert not got["base"]["logits"][..., ROWS:].any()  # TP padding rows are zero
+    _close(got["base"]["regressed"], features, f"{case}: regressed features")
+    adapted = got["adapted"]
+    assert (adapted["logits"] - got["base"]["logits"]).abs().max() > 0.05 * logits.abs().max()
+
+    twin = _hf_twin(ref, layers)
+    peft = PeftModel.from_pretrained(twin, str(tmp_path / "peft")).eval()
+    assert peft.base_model.model is twin
+    with torch.no_grad():
+        _close(adapted["logits"][..., :ROWS], twin.caption_logits(tokens, features),
+               f"{case}: adapted UMM vs PEFT on Emu2's HF names")
+        _close(adapted["regressed"], twin.regressed(tokens, features), f"{case}: PEFT regressed")
+    merged = TinyEmu2(layers, seed=2).eval()
+    state = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert not any("inv_freq" in k for k in state)
+    merged.load_state_dict(state, strict=True)  # Emu2's loader is strict: the exact key set
+    with torch.no_grad():
+        _close(adapted["logits"][..., :ROWS], merged.caption_logits(tokens, features),
+               f"{case}: adapted UMM vs merged native checkpoint")
+        _close(adapted["regressed"], merged.regressed(tokens, features), f"{case}: merged regr.")
+    for key, value in ref.state_dict().items():  # the encoder is copied from the source
+        if key.startswith("visual."):
+            assert torch.equal(state[key], value), key
+
+
+# ---------------------------------------------------------------------- in-process, world 1
+@pytest.fixture(scope="module")
+def emu2_bin(tmp_path_factory):
+    ref = TinyEmu2(2).eval()
+    path = save_native(ref, str(tmp_path_factory.mktemp("emu2") / "emu2.bin"))
+    return ref, path
+
+
+def test_trainer_reads_extra_vocab_and_matches_reference(megatron_world1, emu2_bin, tmp_path):
+    """``model.emu2_checkpoint`` with ``extra_vocab: null``: the trainer's model (adapters
+    added, B = 0) reads 6 extra rows and reproduces the reference's caption logits."""
+    import megalora
+    from megalora.umm.session import build_model
+
+    ref, path = emu2_bin
+    run = _run(_model_cfg(2, emu2_checkpoint=path, extra_vocab=None),
+               train={"device": "cpu", "out_dir": str(tmp_path)})
+    model, _ = build_model(run, torch.device("cpu"))
+    assert model.run.model.extra_vocab == EXTRA and run.model.extra_vocab is None
+    tokens = sequences()
+    megalora.set_head_ids(model, torch.zeros_like(tokens))
+    features = torch.randn(2 * SLOTS, VISUAL, generator=torch.Generator().manual_seed(3))
+    got = _outputs(model, tokens, features)
+    with torch.no_grad():
+        _close(got["logits"][..., :ROWS], ref.caption_logits(tokens, features), "trainer")
+        _close(got["regressed"], ref.regressed(tokens, features), "trainer regressed")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("ffn_hidden_size", 128, r"mlp.gate_proj.weight': the checkpoint has \[172, 64\], so "
+                             r"model.ffn_hidden_size must be 172 .*set model.ffn_hidden_size: 172"),
+    ("num_layers", 3, r"has 2 decoder layers but model.num_layers=3: set model.num_layers: 2"),
+    ("extra_vocab", 0, r"has 74 rows but model.base_vocab=64 \+ 4 special tokens \+ "
+                       r"model.extra_vocab=0 = 68: set model.extra_vocab: 6"),
+    ("visual_dim", 8, r"'project_up.weight': the checkpoint has \[64, 16\], so model.visual_dim "
+                      r"must be 16"),
+])
+def test_mismatches_name_key_shape_and_field(megatron_world1, emu2_bin, field, value, message):
+    from megalora.umm.emu2 import import_emu2
+    from megalora.umm.model import build_umm
+
+    cfg = _model_cfg(2, **{field: value})
+    model = build_umm(_run(cfg))
+    with pytest.raises(ValueError, match=message):
+        import_emu2(model, emu2_bin[1])
+
+
+def test_missing_tensor_unknown_layout_and_bad_configs(megatron_world1, emu2_bin, tmp_path):
+    from safetensors.torch import save_file
+
+    from megalora.umm.emu2 import import_emu2, resolve_vocab
+    from megalora.umm.model import build_umm
+
+    ref, path = emu2_bin
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    del state["decoder.lm.model.layers.1.self_attn.k_proj.weight"]
+    save_file(state, str(tmp_path / "holes.safetensors"))
+    model = build_umm(_run(_model_cfg(2)))
+    with pytest.raises(ValueError, match=r"no tensor 'decoder.lm.model.layers.1.self_attn."
+                                         r"k_proj.weight' \(needed for llm.decoder.layers.1"):
+        import_emu2(model, str(tmp_path / "holes.safetensors"))
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 4)}, str(tmp_path / "llama.safetensors"))
+    with pytest.raises(ValueError, match="is not an Emu2 checkpoint: it has none of"):
+        import_emu2(model, str(tmp_path / "llama.safetensors"))
+    with pytest.raises(ValueError, match="fewer than model.base_vocab=100"):
+        resolve_vocab(_run(_model_cfg(2, base_vocab=100, extra_vocab=None,
+                                      emu2_checkpoint=path)))
+    with pytest.raises(ValueError, match="hf_checkpoint and model.emu2_checkpoint are both set"):
+        _run(_model_cfg(2, emu2_checkpoint=path, hf_checkpoint="x"))
+    with pytest.raises(ValueError, match="extra_vocab=null means"):
+        _run(_model_cfg(2, extra_vocab=None))
+    with pytest.raises(ValueError, match="cannot hold Emu2's EVA-CLIP; set vision.enabled: false"):
+        _run(_model_cfg(2, emu2_checkpoint=path), vision={"enabled": True, "hidden_size": 16})
+
+
+def test_peft_export_names_and_layouts(megatron_world1, emu2_bin, tmp_path):
+    """Native names have no ``model.`` root; target_modules is an exact-name regex (a leaf name
+    would also reach EVA's modules); task_type is null (Emu2 is a custom model)."""
+    import json
+
+    import megalora
+    from safetensors.torch import load_file
+
+    from megalora.umm.emu2 import export_emu2_peft
+    from megalora.umm.model import build_umm
+
+    model = build_umm(_run(_model_cfg(2)))
+    megalora.apply_lora(model, megalora.LoRAConfig(rank=2, target_modules=("linear_qkv",)))
+    cfg = export_emu2_peft(model, str(tmp_path / "native"), layout="native")
+    keys = sorted(load_file(str(tmp_path / "native" / "adapter_model.safetensors")))
+    assert keys[0] == "base_model.model.decoder.lm.model.layers.0.self_attn.k_proj.lora_A.weight"
+    assert len(keys) == 2 * 3 * 2 and cfg["task_type"] is None
+    assert cfg == json.load(open(tmp_path / "native" / "adapter_config.json"))
+    assert cfg["target_modules"].startswith("^(?:decoder\\.lm\\.model\\.layers\\.0\\.self_attn")
+    with pytest.raises(ValueError, match="layout must be 'hf' or 'native'"):
+        export_emu2_peft(model, str(tmp_path / "x"), layout="gen")
