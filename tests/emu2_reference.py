@@ -5,14 +5,83 @@ caption path (``<image>`` embeddings replaced by project_up of the slot features
 and each slot, through project_down, fed back through project_up).
 """
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # tiny sizes: text vocabulary 64, Emu2's 4 UMM specials at 64..67, then 6 "grounding" rows
 VOCAB, EXTRA, HIDDEN, FFN, HEADS, SLOTS, VISUAL = 64, 6, 64, 172, 4, 4, 16
 ROWS = VOCAB + 4 + EXTRA
 PAD, IMG, IMG_END, SLOT = VOCAB, VOCAB + 1, VOCAB + 2, VOCAB + 3
-EVA = dict(image_size=8, patch_size=2, width=VISUAL, layers=1, heads=2, mlp=24)
+EVA = dict(image_size=8, patch_size=2, width=VISUAL, layers=2, heads=2, mlp=24)
+
+
+class Attention(nn.Module):
+    """Emu2's eva_vit.Attention (subln=False, no rope): F.linear on qkv.weight with the bias
+    cat(q_bias, 0, v_bias); the qkv module itself is never called."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads, self.scale = heads, (d // heads) ** -0.5
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(d)), nn.Parameter(torch.zeros(d))
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class Mlp(nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """postnorm=True, no layer scale: x + norm1(attn(x)), then x + norm2(mlp(x))."""
+
+    def __init__(self, d, heads, hidden):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=1e-6), nn.LayerNorm(d, eps=1e-6)
+        self.attn, self.mlp = Attention(d, heads), Mlp(d, hidden)
+
+    def forward(self, x):
+        x = x + self.norm1(self.attn(x))
+        return x + self.norm2(self.mlp(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, d, patch):
+        super().__init__()
+        self.proj = nn.Conv2d(3, d, kernel_size=patch, stride=patch)
+
+
+class EVAVisionTransformer(nn.Module):
+    """Emu2's encoder: patch conv with bias, CLS, absolute positions, blocks, no final norm."""
+
+    def __init__(self, image_size, patch_size, width, layers, heads, mlp):
+        super().__init__()
+        self.patch_embed = PatchEmbed(width, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (image_size // patch_size) ** 2 + 1, width))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp) for _ in range(layers))
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return x
 
 
 def _lm(layers: int):
@@ -31,11 +100,9 @@ class TinyEmu2(nn.Module):
 
     def __init__(self, layers: int, layout: str = "native", seed: int = 0):
         super().__init__()
-        from megalora.umm.eva import EVAConfig, EVAEncoder
-
         torch.manual_seed(seed)
         core = self if layout == "native" else nn.Module()
-        core.visual = EVAEncoder(EVAConfig(**EVA))
+        core.visual = EVAVisionTransformer(**EVA)
         core.decoder = nn.Module()
         core.decoder.lm = _lm(layers)
         if layout == "hf":
@@ -48,9 +115,25 @@ class TinyEmu2(nn.Module):
                         0.1 * torch.randn_like(p))
 
     @property
+    def core(self):
+        return self if hasattr(self, "decoder") else self.model
+
+    @property
     def lm(self):
-        core = self if hasattr(self, "decoder") else self.model
-        return core.decoder.lm
+        return self.core.decoder.lm
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Emu2's encode_image for pixels in [0, 1] (its transform normalises first): drop CLS,
+        grid, avg_pool2d with stride grid // sqrt(slots) -> [B * SLOTS, visual] row-major."""
+        mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+        std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+        x = self.core.visual((pixels - mean) / std)[:, 1:]
+        b, n, c = x.shape
+        grid = math.isqrt(n)
+        x = x.permute(0, 2, 1).reshape(b, c, grid, grid)
+        stride = grid // math.isqrt(SLOTS)
+        x = F.avg_pool2d(x, kernel_size=stride, stride=stride)
+        return x.view(b, c, -1).permute(0, 2, 1).reshape(-1, c)
 
     def hidden(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [b, s, h]; ``features`` [n, visual] fill the ``<image>``

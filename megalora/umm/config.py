@@ -29,6 +29,7 @@ def _positive(section: str, obj, *names: str) -> None:
 
 
 IMAGE_LOSSES = ("mse", "mse_sum", "cosine")
+VISION_KINDS = ("clip", "eva")
 
 @dataclass
 class UMMModelConfig:
@@ -122,11 +123,15 @@ class UMMModelConfig:
 
 @dataclass
 class VisionConfig:
-    """An optional vision encoder in the loop (megatron-core's CLIP ViT), so that encoder-side
-    LoRA is possible. Its pooled output gives the ``<image>`` inputs."""
+    """An optional vision encoder in the loop, so that encoder-side LoRA is possible. Its
+    pooled output gives the ``<image>`` inputs."""
 
     enabled: bool = False
     """Run the encoder on the batch's pixels; otherwise features come precomputed."""
+    kind: str = "clip"
+    """``clip``: megatron-core's CLIP ViT; ``eva``: Emu2's EVA-CLIP (``megalora.umm.eva_parallel``;
+    loaded from ``model.emu2_checkpoint``; pixels in [0, 1] are normalised with CLIP's mean and
+    std inside). Emu2's sizes: image 448, patch 14, hidden 1792, 64 layers, 16 heads, FFN 15360."""
     num_layers: int = 2
     hidden_size: int = 16
     """Encoder width; must equal model.visual_dim (its pooled tokens are the features)."""
@@ -138,8 +143,14 @@ class VisionConfig:
     """Patch size; (image_size / patch_size)^2 patches are average-pooled to the N slots."""
 
     def validate(self, model: UMMModelConfig) -> None:
+        if self.kind not in VISION_KINDS:
+            raise ValueError(f"vision.kind must be one of {', '.join(VISION_KINDS)}, got "
+                             f"{self.kind!r}")
         if not self.enabled:
             return
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"vision.hidden_size={self.hidden_size} is not divisible by "
+                             f"vision.num_attention_heads={self.num_attention_heads}")
         _positive("vision", self, "num_layers", "hidden_size", "num_attention_heads",
                   "ffn_hidden_size", "image_size", "patch_size")
         if self.hidden_size != model.visual_dim:
@@ -314,11 +325,12 @@ class RunConfig:
                              f"num_attention_heads={self.vision.num_attention_heads} and vision."
                              f"ffn_hidden_size={self.vision.ffn_hidden_size} (the encoder shares "
                              "the decoder's TP group)")
-        if self.vision.enabled and self.model.emu2_checkpoint:
-            raise ValueError("vision.enabled with model.emu2_checkpoint: the in-loop encoder is "
-                             "megatron-core's CLIP ViT, which cannot hold Emu2's EVA-CLIP; set "
-                             "vision.enabled: false and precompute the features with `megalora "
-                             "eva-features` (docs/emu2.md)")
+        if self.vision.enabled and self.vision.kind == "clip" and self.model.emu2_checkpoint:
+            raise ValueError("vision.enabled with model.emu2_checkpoint: the in-loop encoder "
+                             "is megatron-core's CLIP ViT (vision.kind: clip), which cannot hold "
+                             "Emu2's EVA-CLIP: set vision.kind: eva, or vision.enabled: false "
+                             "and precompute the features with `megalora eva-features` "
+                             "(docs/emu2.md)")
         if self.lora.routing == "modality" and self.lora.num_heads != 2:
             # the UMM's tokens carry two modality ids (text 0, image span 1): a third head
             # would never see a token and never train

@@ -58,12 +58,39 @@ LAYOUTS = {"native": Layout("native", "", ""), "hf": Layout("hf", "model.", ""),
            "gen": Layout("gen", "multimodal_encoder.", "multimodal_encoder.")}
 
 
+# the in-loop EVA encoder (megalora.umm.eva_parallel) -> Emu2's visual.* names
+_VISION_TOP = {"vision.patch_embed.weight": "patch_embed.proj.weight",
+               "vision.patch_embed.bias": "patch_embed.proj.bias",
+               "vision.cls_token": "cls_token", "vision.pos_embed": "pos_embed"}
+_VISION_LAYER = {"norm1": "norm1", "norm2": "norm2", "self_attention.linear_qkv": "attn.qkv",
+                 "self_attention.linear_proj": "attn.proj", "mlp.linear_fc1": "mlp.fc1",
+                 "mlp.linear_fc2": "mlp.fc2"}
+_VISION_RE = re.compile(r"^vision\.decoder\.layers\.(\d+)\.(.+)\.([a-z_]+)$")
+VISION_QKV = re.compile(r"^vision\.decoder\.layers\.\d+\.self_attention\.linear_qkv$")
+
+
+def vision_name(canonical: str) -> Optional[str]:
+    """Emu2's name (below ``visual.``) of an in-loop EVA parameter; None for others."""
+    if canonical in _VISION_TOP:
+        return _VISION_TOP[canonical]
+    match = _VISION_RE.match(canonical)
+    if match is None:
+        return None
+    i, module, leaf = match.groups()
+    if module == "self_attention" and leaf in ("q_bias", "v_bias"):
+        return f"blocks.{i}.attn.{leaf}"
+    return f"blocks.{i}.{_VISION_LAYER[module]}.{leaf}" if module in _VISION_LAYER else None
+
+
 def emu2_entry(layout: Layout) -> Callable[[str], Optional[Tuple[str, Tuple[str, ...]]]]:
     """canonical UMM parameter -> (conversion kind, Emu2 names) in ``layout``; None when Emu2
     has no such tensor. Kinds: ``rows`` (all vocabulary rows), else ``hf_mapping.join``'s."""
     def entry(canonical: str):
         if canonical in CONNECTORS:
             return "plain", (layout.connectors + canonical,)
+        if canonical.startswith("vision."):
+            name = vision_name(canonical)
+            return None if name is None else ("plain", (f"{layout.root}visual.{name}",))
         found = hf_entry(canonical)
         if found is None:
             return None
@@ -149,6 +176,23 @@ def check_shapes(files: CheckpointFiles, layout: Layout, m) -> None:
         raise ValueError(f"{r}lm_head.weight has {head_rows} rows but the embedding has {rows}")
 
 
+def check_vision_shapes(files: CheckpointFiles, layout: Layout, v) -> None:
+    """Refuse an encoder whose sizes differ from ``vision``'s, naming the field to set."""
+    r = layout.root + "visual."
+    width, _, patch, _ = files.shape(r + "patch_embed.proj.weight", "vision.patch_embed")
+    tokens = files.shape(r + "pos_embed", "vision.pos_embed")[1]
+    grid = int(round((tokens - 1) ** 0.5))
+    mlp = files.shape(r + "blocks.0.mlp.fc1.weight", "vision.ffn_hidden_size")[0]
+    pattern = re.compile(re.escape(r) + r"blocks\.(\d+)\.")
+    layers = 1 + max((int(m.group(1)) for m in map(pattern.match, files.keys()) if m), default=-1)
+    for name, theirs in (("hidden_size", width), ("patch_size", patch),
+                         ("image_size", grid * patch), ("ffn_hidden_size", mlp),
+                         ("num_layers", layers)):
+        if getattr(v, name) != theirs:
+            raise ValueError(f"the Emu2 checkpoint's encoder ({r}*) has {name} {theirs} but "
+                             f"vision.{name}={getattr(v, name)}: set vision.{name}: {theirs}")
+
+
 def _join(kind: str, tensors: List[torch.Tensor], m, padded: int) -> torch.Tensor:
     if kind != "rows":
         return join(kind, tensors, m, padded)
@@ -165,8 +209,11 @@ def import_emu2(model, path: str) -> List[str]:
     files, layout = open_emu2(path)
     check_shapes(files, layout, m)
     if model.vision is not None:
-        raise ValueError("the in-loop vision encoder cannot be filled from an Emu2 checkpoint; "
-                         "set vision.enabled: false and use `megalora eva-features`")
+        if model.run.vision.kind != "eva":
+            raise ValueError("the in-loop CLIP encoder cannot be filled from an Emu2 "
+                             "checkpoint; set vision.kind: eva, or vision.enabled: false and "
+                             "use `megalora eva-features`")
+        check_vision_shapes(files, layout, model.run.vision)
     entry = emu2_entry(layout)
     tp, rank = tp_info()
     padded = model.llm.vocab_size
@@ -225,6 +272,7 @@ def export_emu2_peft(model, out_dir: str, head: int = 0, layout: str = "hf",
     lay = _layout(layout)
     config = _lora_config(model)
     agree(None if config is not None else "export: the model has no LoRA adapters")
+    agree(_vision_qkv_error(model))
     check_exportable(model, head, emu2_entry(lay))
     got = collect(model, with_base=False, entry=emu2_entry(lay))
     result = {}
@@ -251,6 +299,20 @@ def export_emu2_peft(model, out_dir: str, head: int = 0, layout: str = "hf",
     return result.get("config")
 
 
+def _vision_qkv_error(model) -> Optional[str]:
+    """Emu2's EVA attention computes F.linear(x, self.qkv.weight, ...) and never calls its qkv
+    module, so PEFT's wrapper there would be silently skipped: refuse such an adapter."""
+    from megalora.inject import lora_modules
+
+    names = [layer.lora_name for layer in lora_modules(model) if VISION_QKV.match(layer.lora_name)]
+    if not names:
+        return None
+    return (f"{names[0]} (and {len(names) - 1} more) is adapted, but Emu2's EVA attention uses "
+            "attn.qkv.weight directly, so PEFT would never apply this adapter: export-merged "
+            "folds it in, or train without it (lora.exclude_modules: "
+            "['vision.*.linear_qkv'])")
+
+
 def _layout(name: str) -> Layout:
     if name not in ("hf", "native"):
         raise ValueError(f"Emu2 export layout must be 'hf' or 'native', got {name!r}")
@@ -270,7 +332,7 @@ def merged_tensors(got: dict, head: int, m, layout: Layout) -> Dict[str, torch.T
         parts = [weight[:m.vocab_rows()]] if kind == "rows" else split(kind, weight, m)
         out.update(zip(names, parts))
     expected = 3 + 9 * m.num_layers + len(CONNECTORS)
-    if len(out) != expected:
+    if sum(1 for k in out if not k.startswith(layout.root + "visual.")) != expected:
         raise ValueError(f"export: gathered {len(out)} of Emu2's decoder and connector tensors, "
                          f"expected {expected} (a pipeline stage missing?)")
     return out
@@ -306,7 +368,8 @@ def export_emu2_merged(model, out_dir: str, head: int = 0, layout: str = "native
             logger.warning("megalora: the merged Emu2 export left out %d adapted module(s): %s",
                            len(skipped), ", ".join(skipped))
         tensors = merged_tensors(got, head, m, lay)
-        tensors.update(_visual_from(m.emu2_checkpoint, lay))
+        if not any(k.startswith(lay.root + "visual.") for k in tensors):  # encoder not in loop
+            tensors.update(_visual_from(m.emu2_checkpoint, lay))
         write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
         source = m.emu2_checkpoint
         if lay.name == "hf" and source and os.path.isdir(source):

@@ -153,6 +153,9 @@ class UMMModel(torch.nn.Module):
         from megalora.cpu import SequenceParallelTorchNorm
 
         vcfg = vision_transformer_config(run, dtype, cpu)
+        if run.vision.kind == "eva":
+            from megalora.umm.eva_parallel import EVAParallelEncoder, eva_config
+            return EVAParallelEncoder(eva_config(run.vision), vcfg)
         spec = _layer_spec(vcfg, True)
         layer_spec = spec.layer_specs[0] if hasattr(spec, "layer_specs") else spec
         norm = SequenceParallelTorchNorm if not _have_te() else None

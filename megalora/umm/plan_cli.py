@@ -12,11 +12,25 @@ from __future__ import annotations
 from typing import Optional
 
 from megalora.umm.config import RunConfig
-from megalora.umm.plan import GB, Hardware, search, smallest_gpu_count, stage_counts
+from megalora.umm.plan import (GB, Hardware, encoder_activation_bytes, encoder_images, search,
+                               smallest_gpu_count, stage_counts)
 
 
 def _gb(x: float) -> str:
     return f"{x / GB:7.2f}"
+
+
+def _encoder_line(run: RunConfig, whole) -> list:
+    """One line on the in-loop encoder (none when features are precomputed)."""
+    v = run.vision
+    if not v.enabled:
+        return []
+    images = encoder_images(run)
+    kept = encoder_activation_bytes(run, 1, whole, images)
+    return [f"encoder in the loop ({v.kind}): {whole.vision_frozen / 1e9:.2f}B frozen parameters "
+            f"(included above), up to {images} images per microbatch; "
+            + (f"adapted: it keeps {kept / GB:.1f} GB of activations per microbatch at TP=1"
+               if whole.vision_rank_sum else "not adapted: it keeps no activations")]
 
 
 def report(run: RunConfig, gpus: int, hw: Hardware, global_batch: int, cuda: bool = True,
@@ -31,6 +45,7 @@ def report(run: RunConfig, gpus: int, hw: Hardware, global_batch: int, cuda: boo
              f"step: global batch {global_batch} x {run.data.seq_length} tokens; "
              f"{'bf16' if cuda and run.train.bf16 else 'fp32'} base, optimizer "
              f"{run.train.optimizer}, attention {'flash' if flash else 'unfused'}",
+             *_encoder_line(run, whole),
              f"GPUs: {gpus} x {hw.gpu_memory_gb:g} GB ({hw.usable_bytes / GB:.1f} GB usable: "
              f"{hw.overhead_gb:g} GB overhead, {hw.headroom:.0%} headroom), "
              f"{hw.gpus_per_node} per node", ""]

@@ -14,8 +14,8 @@ import os
 import pytest
 import torch
 
-from emu2_reference import (EXTRA, FFN, HEADS, HIDDEN, ROWS, SLOTS, VISUAL, VOCAB, TinyEmu2,
-                            save_hf, save_native, sequences)
+from emu2_reference import (EVA, EXTRA, FFN, HEADS, HIDDEN, ROWS, SLOTS, VISUAL, VOCAB,
+                            TinyEmu2, save_hf, save_native, sequences)
 from megalora.testing.dist import run_distributed
 
 
@@ -32,9 +32,10 @@ def _run(model, parallel=None, **sections):
                                 "train": {"device": "cpu"}, **sections})
 
 
-def _outputs(model, tokens, features):
-    """{"logits": [b, s, V_padded], "regressed": [n, visual]} on the last stage (None
-    elsewhere): stages run by hand with send/recv, gathered over TP (and SP)."""
+def _outputs(model, tokens, features, pixels=None):
+    """{"logits": [b, s, V_padded], "regressed": [n, visual]} on the last stage, and
+    {"features": the pooled encoder slots} on the first stage when the encoder is in the loop
+    (None elsewhere): stages run by hand with send/recv, gathered over TP (and SP)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -42,13 +43,17 @@ def _outputs(model, tokens, features):
 
     b, s = tokens.shape
     samples = [{"tokens": tokens[i], "modality": torch.zeros_like(tokens[i]),
-                "features": features[i * SLOTS:(i + 1) * SLOTS]} for i in range(b)]
+                "features": features[i * SLOTS:(i + 1) * SLOTS],
+                "pixels": None if pixels is None else pixels[i:i + 1]} for i in range(b)]
     batch = collate(samples, s, model.special)
     tp, group = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()
     sp = model.config.sequence_parallel
     positions = torch.arange(s).unsqueeze(0).expand(b, s)
+    result = {}
     with torch.no_grad():
         decoder_input = model.embed_inputs(batch) if model.pre_process else None
+        if model.vision is not None:
+            result["features"] = model.visual_inputs(batch)
         if not model.pre_process:
             x = torch.empty(s // (tp if sp else 1), b, HIDDEN)
             dist.recv(x, src=ps.get_pipeline_model_parallel_prev_rank())
@@ -57,7 +62,7 @@ def _outputs(model, tokens, features):
                         labels=None)
         if not model.post_process:
             dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-            return None
+            return result
         parts = [torch.empty_like(out) for _ in range(tp)]
         dist.all_gather(parts, out.contiguous(), group=group)
         hidden = model.llm.umm_hidden
@@ -65,29 +70,43 @@ def _outputs(model, tokens, features):
             pieces = [torch.empty_like(hidden) for _ in range(tp)]
             dist.all_gather(pieces, hidden.contiguous(), group=group)
             hidden = torch.cat(pieces, dim=0)
-        regressed = model.project_down(hidden.transpose(0, 1)[batch.image_target_mask])
-    return {"logits": torch.cat(parts, dim=-1), "regressed": regressed}
+        result["regressed"] = model.project_down(hidden.transpose(0, 1)[batch.image_target_mask])
+    result["logits"] = torch.cat(parts, dim=-1)
+    return result
 
 
-def _worker(rank, world, ckpt, layers, parallel, tokens, features, out):
+EVA_VISION = {"enabled": True, "kind": "eva", "image_size": EVA["image_size"],
+              "patch_size": EVA["patch_size"], "hidden_size": VISUAL, "num_layers": EVA["layers"],
+              "num_attention_heads": EVA["heads"], "ffn_hidden_size": EVA["mlp"]}
+
+
+def _worker(rank, world, ckpt, case, tokens, features, pixels, out):
     import megalora
     from megatron.core import parallel_state as ps
 
     from megalora.umm.emu2 import export_emu2_merged, export_emu2_peft, import_emu2
     from megalora.umm.model import build_umm
 
-    run = _run(_model_cfg(layers, emu2_checkpoint=ckpt), parallel)
+    c = CASES[case]
+    run = _run(_model_cfg(c["layers"], emu2_checkpoint=ckpt), c["parallel"],
+               **({"vision": EVA_VISION} if c["eva"] else {}))
     ps.initialize_model_parallel(tensor_model_parallel_size=run.parallel.tensor_parallel,
                                  pipeline_model_parallel_size=run.parallel.pipeline_parallel)
     model = build_umm(run).eval()
     import_emu2(model, ckpt)
-    base = _outputs(model, tokens, features)
+    base = _outputs(model, tokens, features, pixels)
+    exclude = ("vision.*.linear_qkv",) if c["eva"] and not c["vision_qkv"] else ()
     megalora.apply_lora(model, megalora.LoRAConfig(rank=4, alpha=8.0, init_b="gaussian",
-                                                   rank_pattern={"linear_fc2": 2}))
-    adapted = _outputs(model, tokens, features)
-    export_emu2_peft(model, os.path.join(out, "peft"), layout="hf")
+                                                   rank_pattern={"linear_fc2": 2},
+                                                   exclude_modules=exclude))
+    adapted = _outputs(model, tokens, features, pixels)
     export_emu2_merged(model, os.path.join(out, "merged"), layout="native")
-    return {"base": base, "adapted": adapted}
+    refused = None
+    try:
+        export_emu2_peft(model, os.path.join(out, "peft"), layout="hf")
+    except ValueError as exc:
+        refused = str(exc)
+    return {"base": base, "adapted": adapted, "refused": refused}
 
 
 def _close(got, ref, what):
@@ -104,9 +123,19 @@ def _hf_twin(native: TinyEmu2, layers: int) -> TinyEmu2:
     return twin.eval()
 
 
-CASES = {"native-bin-tp2": (2, {"tensor_parallel": 2}),
-         "hf-sharded-pp2": (4, {"pipeline_parallel": 2}),
-         "gen-safetensors-tp2-sp": (2, {"tensor_parallel": 2, "sequence_parallel": True})}
+CASES = {
+    # precomputed features; their regression is Emu2's generate_image loop
+    "native-bin-tp2": dict(layers=2, parallel={"tensor_parallel": 2}, eva=False,
+                           vision_qkv=False),
+    # EVA in the loop, with vision LoRA; the encoder's qkv adapted: merged only (PEFT refused)
+    "native-bin-tp2-eva": dict(layers=2, parallel={"tensor_parallel": 2}, eva=True,
+                               vision_qkv=True),
+    "hf-sharded-pp2-eva": dict(layers=4, parallel={"pipeline_parallel": 2}, eva=True,
+                               vision_qkv=False),
+    "gen-safetensors-tp2-sp-eva": dict(layers=2, parallel={"tensor_parallel": 2,
+                                                           "sequence_parallel": True},
+                                       eva=True, vision_qkv=False),
+}
 
 
 def _save(case, ref, layers, tmp_path):
@@ -118,48 +147,71 @@ def _save(case, ref, layers, tmp_path):
                        prefix="multimodal_encoder.", junk=True)
 
 
+def _reference(model, tokens, pixels, features):
+    """(features the decoder reads, caption logits, regressions) of a reference model."""
+    if pixels is not None:
+        features = model.encode_image(pixels)
+    return features, model.caption_logits(tokens, features), model.regressed(tokens, features)
+
+
+def _compare(got, ref_out, what):
+    features, logits, regressed = ref_out
+    if "features" in got:
+        _close(got["features"], features, f"{what}: EVA slot features")
+    _close(got["logits"][..., :ROWS], logits, f"{what}: caption logits")
+    _close(got["regressed"], regressed, f"{what}: regressed features")
+
+
+def _first(results, key):
+    return next(r[key] for r in results if key in r)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_emu2_import_and_exports_match_reference(tmp_path, case):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    layers, parallel = CASES[case]
-    ref = TinyEmu2(layers).eval()
-    ckpt = _save(case, ref, layers, tmp_path)
+    c = CASES[case]
+    ref = TinyEmu2(c["layers"]).eval()
+    ckpt = _save(case, ref, c["layers"], tmp_path)
     tokens = sequences()
-    with torch.no_grad():  # Emu2's generate_image loop gives each image's slot features
-        features = torch.cat([ref.generate_image(tokens[i, :6]) for i in range(2)])
-        # teacher-forced (one forward) regression = the loop's (the reference is consistent)
-        _close(ref.regressed(tokens, features), features, "reference: loop vs one forward")
-        logits = ref.caption_logits(tokens, features)
-    results = run_distributed(2, _worker, (ckpt, layers, parallel, tokens, features,
-                                           str(tmp_path)))
-    got = next(r for r in results if r["base"] is not None)
-    _close(got["base"]["logits"][..., :ROWS], logits, f"{case}: caption logits")
-    assert not got["base"]["logits"][..., ROWS:].any()  # TP padding rows are zero
-    _close(got["base"]["regressed"], features, f"{case}: regressed features")
-    adapted = got["adapted"]
-    assert (adapted["logits"] - got["base"]["logits"]).abs().max() > 0.05 * logits.abs().max()
-
-    twin = _hf_twin(ref, layers)
-    peft = PeftModel.from_pretrained(twin, str(tmp_path / "peft")).eval()
-    assert peft.base_model.model is twin
+    pixels = torch.rand(2, 3, EVA["image_size"], EVA["image_size"],
+                        generator=torch.Generator().manual_seed(5)) if c["eva"] else None
     with torch.no_grad():
-        _close(adapted["logits"][..., :ROWS], twin.caption_logits(tokens, features),
-               f"{case}: adapted UMM vs PEFT on Emu2's HF names")
-        _close(adapted["regressed"], twin.regressed(tokens, features), f"{case}: PEFT regressed")
-    merged = TinyEmu2(layers, seed=2).eval()
+        if pixels is None:  # Emu2's generate_image loop gives each image's slot features
+            features = torch.cat([ref.generate_image(tokens[i, :6]) for i in range(2)])
+        else:
+            features = ref.encode_image(pixels)
+        expected = _reference(ref, tokens, pixels, features)
+    if pixels is None:  # teacher-forced (one forward) regression = the loop's
+        _close(expected[2], features, "reference: loop vs one forward")
+    results = run_distributed(2, _worker, (ckpt, case, tokens, features, pixels,
+                                           str(tmp_path)))
+    base = {k: _first([r["base"] for r in results], k) for k in results[0]["base"].keys() |
+            results[-1]["base"].keys()}
+    _compare(base, expected, f"{case}: imported")
+    assert not base["logits"][..., ROWS:].any()  # TP padding rows are zero
+    adapted = {k: _first([r["adapted"] for r in results], k) for k in base}
+    assert (adapted["logits"] - base["logits"]).abs().max() > 0.05 * expected[1].abs().max()
+
+    merged = TinyEmu2(c["layers"], seed=2).eval()
     state = load_file(str(tmp_path / "merged" / "model.safetensors"))
     assert not any("inv_freq" in k for k in state)
     merged.load_state_dict(state, strict=True)  # Emu2's loader is strict: the exact key set
     with torch.no_grad():
-        _close(adapted["logits"][..., :ROWS], merged.caption_logits(tokens, features),
-               f"{case}: adapted UMM vs merged native checkpoint")
-        _close(adapted["regressed"], merged.regressed(tokens, features), f"{case}: merged regr.")
-    for key, value in ref.state_dict().items():  # the encoder is copied from the source
-        if key.startswith("visual."):
-            assert torch.equal(state[key], value), key
+        _compare(adapted, _reference(merged, tokens, pixels, features), f"{case}: merged")
+    if not c["eva"]:  # the encoder is copied from the source checkpoint
+        assert all(torch.equal(state[k], v) for k, v in ref.state_dict().items()
+                   if k.startswith("visual."))
+    if c["vision_qkv"]:
+        assert all("attn.qkv.weight directly" in r["refused"] for r in results)
+        return
+    twin = _hf_twin(ref, c["layers"])
+    peft = PeftModel.from_pretrained(twin, str(tmp_path / "peft")).eval()
+    assert peft.base_model.model is twin
+    with torch.no_grad():
+        _compare(adapted, _reference(twin, tokens, pixels, features), f"{case}: PEFT")
 
 
 # ---------------------------------------------------------------------- in-process, world 1
@@ -233,7 +285,7 @@ def test_missing_tensor_unknown_layout_and_bad_configs(megatron_world1, emu2_bin
         _run(_model_cfg(2, emu2_checkpoint=path, hf_checkpoint="x"))
     with pytest.raises(ValueError, match="extra_vocab=null means"):
         _run(_model_cfg(2, extra_vocab=None))
-    with pytest.raises(ValueError, match="cannot hold Emu2's EVA-CLIP; set vision.enabled: false"):
+    with pytest.raises(ValueError, match="cannot hold Emu2's EVA-CLIP: set vision.kind: eva"):
         _run(_model_cfg(2, emu2_checkpoint=path), vision={"enabled": True, "hidden_size": 16})
 
 

@@ -11,7 +11,8 @@ import torch
 from megalora.testing.dist import run_distributed
 from megalora.umm import plan_cli
 from megalora.umm.config import RunConfig
-from megalora.umm.plan import (GB, Hardware, ParallelLayout, activation_bytes, search,
+from megalora.umm.plan import (GB, Hardware, ParallelLayout, activation_bytes,
+                               encoder_activation_bytes, search,
                                smallest_gpu_count, stage_counts, state_bytes)
 
 
@@ -70,6 +71,8 @@ def _measure_worker(rank, world, run):
 CASES = {
     "tp2-sp-vision-megatron": dict(parallel={"tensor_parallel": 2, "sequence_parallel": True},
                                    vision={"enabled": True}),
+    "tp2-vision-eva": dict(parallel={"tensor_parallel": 2},
+                           vision={"enabled": True, "kind": "eva"}),
     "pp2-torch": dict(parallel={"pipeline_parallel": 2}, train={"optimizer": "torch"}),
     "tp2-router-ranks-output": dict(
         parallel={"tensor_parallel": 2},
@@ -132,26 +135,44 @@ def _saved_bytes_worker(rank, world, run):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(batch, causal_mask(batch.tokens.shape[1]))
         (out["text"] + out["image"]).backward()
-        return sum(seen.values())
+        images = 0 if batch.pixels is None else batch.pixels.shape[0]
+        return sum(seen.values()), images
+
+
+EVA_IN_LOOP = {"enabled": True, "kind": "eva", "image_size": 64, "patch_size": 4,
+               "hidden_size": 64, "num_layers": 3, "num_attention_heads": 4,
+               "ffn_hidden_size": 256}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [{}, {"tensor_parallel": 2, "sequence_parallel": True}],
-                         ids=["tp1", "tp2-sp"])
-def test_activation_model_is_close_to_what_autograd_saves(tmp_path, layout):
+@pytest.mark.parametrize("layout, vision", [({}, None),
+                                            ({"tensor_parallel": 2, "sequence_parallel": True},
+                                             None),
+                                            ({}, EVA_IN_LOOP)],
+                         ids=["tp1", "tp2-sp", "tp1-eva-lora"])
+def test_activation_model_is_close_to_what_autograd_saves(tmp_path, layout, vision):
     """The documented activation model (unfused attention, as on CPU) against the saved
-    tensors of a real forward: within 10 % (it leaves out small per-layer tensors)."""
+    tensors of a real forward: within 10 % (it leaves out small per-layer tensors). With an
+    adapted in-loop EVA encoder, for the images the batch really holds."""
     over = dict(model={"num_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
                        "ffn_hidden_size": 344, "max_seq_length": 128},
                 data={"seq_length": 128}, parallel=layout, train={"micro_batch_size": 2})
+    if vision:
+        over["model"]["visual_dim"] = vision["hidden_size"]
+        over.update(vision=vision, lora={"num_heads": 2, "routing": "modality"})
     run = _run(tmp_path, **over)
     world = run.parallel.tensor_parallel
-    saved = run_distributed(world, _saved_bytes_worker, (run,))[0]
+    saved, images = run_distributed(world, _saved_bytes_worker, (run,))[0]
     planned = ParallelLayout(world, 1, 1, world > 1, False, 1)
-    kept, logits = activation_bytes(run, planned, stage_counts(run, world, 1, 0), 0, cuda=False,
-                                    flash=False)
+    counts = stage_counts(run, world, 1, 0)
+    kept, logits = activation_bytes(run, planned, counts, 0, cuda=False, flash=False,
+                                    images=images)
     model_bytes = kept + logits
+    print(f"saved {saved} planned {model_bytes:.0f} ratio {saved / model_bytes:.3f}")
     assert 0.9 < saved / model_bytes < 1.1, (saved, model_bytes)
+    if vision:  # the encoder's share is most of it, so the check above is about it
+        encoder = encoder_activation_bytes(run, world, counts, images, cuda=False)
+        assert images > 0 and encoder > 0.5 * model_bytes, (images, encoder, model_bytes)
 
 
 def test_emu2_plan_fits_80gb_gpus():

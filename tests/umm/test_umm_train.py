@@ -111,8 +111,9 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
 
 
 @pytest.mark.slow
-def test_in_loop_vision_encoder_trains_with_its_own_lora(tmp_path):
-    run = _run(tmp_path, 30, vision={"enabled": True},
+@pytest.mark.parametrize("kind", ["clip", "eva"])
+def test_in_loop_vision_encoder_trains_with_its_own_lora(tmp_path, kind):
+    run = _run(tmp_path, 30, vision={"enabled": True, "kind": kind},
                lora={"num_heads": 2, "routing": "modality",
                      "target_modules": ["linear_qkv", "linear_proj", "linear_fc1",
                                         "linear_fc2"]})
