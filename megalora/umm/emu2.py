@@ -193,6 +193,32 @@ def check_vision_shapes(files: CheckpointFiles, layout: Layout, v) -> None:
                              f"vision.{name}={getattr(v, name)}: set vision.{name}: {theirs}")
 
 
+SPECIAL_NAMES = ("[PAD]", "[IMG]", "[/IMG]", "<image>")
+"""Emu2's first four added tokens: the UMM's special tokens, in the UMM's order."""
+
+
+def check_tokenizer(folder: str, base_vocab: int) -> None:
+    """When a Hugging Face folder ships its tokenizer, its ids of [PAD] [IMG] [/IMG] <image>
+    must be the UMM's (base_vocab + 0..3); a native file has no tokenizer (Emu2 derives the
+    ids by adding the tokens in this order)."""
+    import json
+
+    ids = {}
+    added = os.path.join(folder, "added_tokens.json")
+    full = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(added):
+        with open(added) as fh:
+            ids = json.load(fh)
+    elif os.path.isfile(full):
+        with open(full) as fh:
+            ids = {t["content"]: t["id"] for t in json.load(fh).get("added_tokens", [])}
+    for offset, name in enumerate(SPECIAL_NAMES):
+        if name in ids and ids[name] != base_vocab + offset:
+            raise ValueError(f"the checkpoint's tokenizer gives {name} id {ids[name]}, but the "
+                             f"UMM's {name} is model.base_vocab + {offset} = "
+                             f"{base_vocab + offset}: set model.base_vocab: {ids[name] - offset}")
+
+
 def _join(kind: str, tensors: List[torch.Tensor], m, padded: int) -> torch.Tensor:
     if kind != "rows":
         return join(kind, tensors, m, padded)
@@ -208,6 +234,8 @@ def import_emu2(model, path: str) -> List[str]:
     m = model.run.model
     files, layout = open_emu2(path)
     check_shapes(files, layout, m)
+    if os.path.isdir(files.path):
+        check_tokenizer(files.path, m.base_vocab)
     if model.vision is not None:
         if model.run.vision.kind != "eva":
             raise ValueError("the in-loop CLIP encoder cannot be filled from an Emu2 "

@@ -84,6 +84,7 @@ def _worker(rank, world, ckpt, case, tokens, features, pixels, out):
     import megalora
     from megatron.core import parallel_state as ps
 
+    from megalora.umm.ckpt_files import CheckpointFiles
     from megalora.umm.emu2 import export_emu2_merged, export_emu2_peft, import_emu2
     from megalora.umm.model import build_umm
 
@@ -93,7 +94,14 @@ def _worker(rank, world, ckpt, case, tokens, features, pixels, out):
     ps.initialize_model_parallel(tensor_model_parallel_size=run.parallel.tensor_parallel,
                                  pipeline_model_parallel_size=run.parallel.pipeline_parallel)
     model = build_umm(run).eval()
-    import_emu2(model, ckpt)
+    read = []
+    original = CheckpointFiles.get
+    CheckpointFiles.get = lambda self, key, needed_for="": read.append(key) or \
+        original(self, key, needed_for)
+    try:
+        import_emu2(model, ckpt)
+    finally:
+        CheckpointFiles.get = original
     base = _outputs(model, tokens, features, pixels)
     exclude = ("vision.*.linear_qkv",) if c["eva"] and not c["vision_qkv"] else ()
     megalora.apply_lora(model, megalora.LoRAConfig(rank=4, alpha=8.0, init_b="gaussian",
@@ -106,7 +114,8 @@ def _worker(rank, world, ckpt, case, tokens, features, pixels, out):
         export_emu2_peft(model, os.path.join(out, "peft"), layout="hf")
     except ValueError as exc:
         refused = str(exc)
-    return {"base": base, "adapted": adapted, "refused": refused}
+    return {"base": base, "adapted": adapted, "refused": refused, "read": read,
+            "stage": ps.get_pipeline_model_parallel_rank()}
 
 
 def _close(got, ref, what):
@@ -166,6 +175,25 @@ def _first(results, key):
     return next(r[key] for r in results if key in r)
 
 
+def _check_reads(results, c):
+    """Each rank read its own stage's tensors, each once, and nothing else: no unet/vae, no
+    other stage's layers, the encoder only when it is in the loop."""
+    stages = c["parallel"].get("pipeline_parallel", 1)
+    per_stage = c["layers"] // stages
+    for r in results:
+        read = [k.split("decoder.lm.", 1)[-1].split("visual.", 1)[-1] for k in r["read"]]
+        assert len(read) == len(set(read)) and not any(k.startswith(("unet", "vae"))
+                                                       for k in r["read"])
+        layers = {int(k.split(".")[2]) for k in read if k.startswith("model.layers.")}
+        first, last = r["stage"] == 0, r["stage"] == stages - 1
+        assert layers == set(range(r["stage"] * per_stage, (r["stage"] + 1) * per_stage))
+        assert ("model.embed_tokens.weight" in read) == first
+        assert ("lm_head.weight" in read) == last
+        assert any(k.endswith("project_down.weight") for k in read) == last
+        assert any(k.endswith("project_up.weight") for k in read) == first
+        assert any("visual." in k for k in r["read"]) == (first and c["eva"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_emu2_import_and_exports_match_reference(tmp_path, case):
@@ -188,6 +216,7 @@ def test_emu2_import_and_exports_match_reference(tmp_path, case):
         _close(expected[2], features, "reference: loop vs one forward")
     results = run_distributed(2, _worker, (ckpt, case, tokens, features, pixels,
                                            str(tmp_path)))
+    _check_reads(results, c)
     base = {k: _first([r["base"] for r in results], k) for k in results[0]["base"].keys() |
             results[-1]["base"].keys()}
     _compare(base, expected, f"{case}: imported")
@@ -310,3 +339,65 @@ def test_peft_export_names_and_layouts(megatron_world1, emu2_bin, tmp_path):
     assert cfg["target_modules"].startswith("^(?:decoder\\.lm\\.model\\.layers\\.0\\.self_attn")
     with pytest.raises(ValueError, match="layout must be 'hf' or 'native'"):
         export_emu2_peft(model, str(tmp_path / "x"), layout="gen")
+
+
+def test_tokenizer_ids_must_be_the_umms(megatron_world1, emu2_bin, tmp_path):
+    """A Hugging Face folder's tokenizer is checked: [PAD] [IMG] [/IMG] <image> must be
+    base_vocab + 0..3 (Emu2's order of adding them)."""
+    import json
+
+    from megalora.umm.emu2 import import_emu2
+    from megalora.umm.model import build_umm
+
+    ref, _ = emu2_bin
+    folder = save_hf(_hf_twin(ref, 2), tmp_path / "hf", shards=1)
+    ids = {"[PAD]": 64, "[IMG]": 65, "[/IMG]": 66, "<image>": 67, "[gIMG]": 68}
+    (tmp_path / "hf" / "added_tokens.json").write_text(json.dumps(ids))
+    model = build_umm(_run(_model_cfg(2)))
+    import_emu2(model, folder)
+    (tmp_path / "hf" / "added_tokens.json").write_text(json.dumps({**ids, "[IMG]": 70}))
+    with pytest.raises(ValueError, match=r"gives \[IMG\] id 70, but the UMM's \[IMG\] is "
+                                         r"model.base_vocab \+ 1 = 65"):
+        import_emu2(model, folder)
+
+
+@pytest.mark.slow
+def test_export_commands_write_emu2_names(megatron_world1, emu2_bin, tmp_path):
+    """``megalora export-peft`` / ``export-merged`` with model.emu2_checkpoint (TP=1, no
+    torchrun) write what the API writes; the merged HF layout loads strictly into Emu2's HF
+    module tree."""
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    import megalora
+    from helpers import launch_env
+    from megalora.umm.emu2 import export_emu2_merged, export_emu2_peft, import_emu2
+    from megalora.umm.model import build_umm
+
+    ref, path = emu2_bin
+    model_cfg = _model_cfg(2, emu2_checkpoint=path)
+    model = build_umm(_run(model_cfg))
+    import_emu2(model, path)
+    lora = megalora.LoRAConfig(rank=2, alpha=4.0, init_b="gaussian")
+    megalora.apply_lora(model, lora)
+    megalora.save_adapter(model, str(tmp_path / "adapter.safetensors"))
+    export_emu2_peft(model, str(tmp_path / "api_peft"))
+    export_emu2_merged(model, str(tmp_path / "api_merged"), layout="hf")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": model_cfg, "train": {"device": "cpu"}}))
+    for command, out, extra in (("export-peft", "cli_peft", []),
+                                ("export-merged", "cli_merged", ["--layout", "hf"])):
+        proc = subprocess.run([sys.executable, "-m", "megalora", command, "--config", str(config),
+                               "--adapter", str(tmp_path / "adapter.safetensors"), "--out",
+                               str(tmp_path / out), *extra], capture_output=True, text=True,
+                              env=launch_env(), timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    for api, cli, name in (("api_peft", "cli_peft", "adapter_model.safetensors"),
+                           ("api_merged", "cli_merged", "model.safetensors")):
+        a, b = load_file(str(tmp_path / api / name)), load_file(str(tmp_path / cli / name))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    _hf_twin(ref, 2).load_state_dict(load_file(str(tmp_path / "cli_merged" /
+                                                   "model.safetensors")), strict=True)
