@@ -31,11 +31,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from megalora.sharding import shard
 from megalora.umm.ckpt_files import INDEX_FILES, CheckpointFiles
-from megalora.umm.hf import (agree, base_params, check_exportable, collect, on_rank0,
-                             param_spec, tp_info, write_json, write_safetensors)
-from megalora.umm.hf_mapping import hf_entry, join, peft_adapter_config, split
+from megalora.umm.hf import (agree, check_exportable, collect, load_stage, on_rank0, write_json,
+                             write_safetensors)
+from megalora.umm.hf_mapping import (b_head, hf_entry, join, peft_adapter_config, peft_tensors,
+                                     split)
 
 logger = logging.getLogger("megalora")
 
@@ -242,20 +242,9 @@ def import_emu2(model, path: str) -> List[str]:
                              "checkpoint; set vision.kind: eva, or vision.enabled: false and "
                              "use `megalora eva-features`")
         check_vision_shapes(files, layout, model.run.vision)
-    entry = emu2_entry(layout)
-    tp, rank = tp_info()
     padded = model.llm.vocab_size
-    loaded = []
-    with torch.no_grad():
-        for canonical, kind, names, param in base_params(model, entry):
-            full = _join(kind, [files.get(n, canonical) for n in names], m, padded)
-            local = shard(full, param_spec(param), rank, tp)
-            if local.shape != param.shape:
-                raise ValueError(f"{canonical} <- {', '.join(names)}: the checkpoint gives "
-                                 f"{list(full.shape)} (this rank's slice {list(local.shape)}) but "
-                                 f"the parameter is {list(param.shape)}")
-            param.copy_(local.to(device=param.device, dtype=param.dtype))
-            loaded.append(canonical)
+    loaded = load_stage(model, emu2_entry(layout), lambda canonical, kind, names: _join(
+        kind, [files.get(n, canonical) for n in names], m, padded))
     logger.info("megalora: imported %d tensors of this stage from the Emu2 checkpoint %s "
                 "(%s layout)", len(loaded), path, layout.name)
     return loaded
@@ -268,28 +257,9 @@ def _lora_config(model):
     return lora_config_of(model)
 
 
-def _b_head(got: dict, name: str, head: int) -> torch.Tensor:
-    info = got["modules"][name]
-    return got["lora"][f"{name}.lora_B"][head if info["num_heads"] > 1 else 0]
-
-
-def peft_tensors(got: dict, head: int, m, layout: Layout):
-    """PEFT tensors on Emu2's module names, per-module (rank, alpha), skipped modules."""
-    entry = emu2_entry(layout)
-    tensors, settings, skipped = {}, {}, []
-    for name, info in sorted(got["modules"].items()):
-        found = entry(f"{name}.weight")
-        if found is None:
-            skipped.append(name)
-            continue
-        kind, names = found
-        a = got["lora"][f"{name}.lora_A"]
-        for emu2_name, b_part in zip(names, split(kind, _b_head(got, name, head), m)):
-            module = emu2_name[:-len(".weight")]
-            tensors[f"base_model.model.{module}.lora_A.weight"] = a
-            tensors[f"base_model.model.{module}.lora_B.weight"] = b_part
-            settings[module] = (info["rank"], info["alpha"])
-    return tensors, settings, skipped
+def _split(kind: str, full: torch.Tensor, m) -> List[torch.Tensor]:
+    """Emu2's tensors of a full Megatron tensor (weights or LoRA B factors)."""
+    return [full[:m.vocab_rows()]] if kind == "rows" else split(kind, full, m)
 
 
 def export_emu2_peft(model, out_dir: str, head: int = 0, layout: str = "hf",
@@ -307,7 +277,7 @@ def export_emu2_peft(model, out_dir: str, head: int = 0, layout: str = "hf",
 
     def write():
         m = model.run.model
-        tensors, settings, skipped = peft_tensors(got, head, m, lay)
+        tensors, settings, skipped = peft_tensors(got, head, m, emu2_entry(lay), _split)
         if skipped:
             logger.warning("megalora: the Emu2 export skipped %d adapted module(s) Emu2 has "
                            "no equivalent for: %s", len(skipped), ", ".join(skipped))
@@ -355,10 +325,9 @@ def merged_tensors(got: dict, head: int, m, layout: Layout) -> Dict[str, torch.T
         info = got["modules"].get(module) if leaf == "weight" else None
         if info is not None and info["merged_head"] is None:  # merged ones already hold it
             a = got["lora"][f"{module}.lora_A"].float()
-            b = _b_head(got, module, head).float()
+            b = b_head(got, module, head).float()
             weight = (weight.float() + info["scale"] * (b @ a)).to(weight.dtype)
-        parts = [weight[:m.vocab_rows()]] if kind == "rows" else split(kind, weight, m)
-        out.update(zip(names, parts))
+        out.update(zip(names, _split(kind, weight, m)))
     expected = 3 + 9 * m.num_layers + len(CONNECTORS)
     if sum(1 for k in out if not k.startswith(layout.root + "visual.")) != expected:
         raise ValueError(f"export: gathered {len(out)} of Emu2's decoder and connector tensors, "

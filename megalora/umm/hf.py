@@ -100,19 +100,30 @@ def import_llama(model, path_or_state, hf_config: Optional[dict] = None) -> List
     if hf_config is not None:
         check_llama_config(hf_config, m)
     tied = bool((hf_config or {}).get("tie_word_embeddings", False))
-    tp, rank = tp_info()
     padded = model.llm.vocab_size
+
+    def full(canonical, kind, hf_names):
+        if tied and hf_names == ("lm_head.weight",):
+            hf_names = ("model.embed_tokens.weight",)
+        return join(kind, [reader.get(n, canonical) for n in hf_names], m, padded)
+
+    return load_stage(model, hf_entry, full)
+
+
+def load_stage(model, entry: Callable, full: Callable) -> List[str]:
+    """Copy into each base parameter of this stage that ``entry`` maps its TP slice of
+    ``full(canonical, kind, checkpoint names)`` (the whole Megatron tensor); returns the loaded
+    canonical names."""
+    tp, rank = tp_info()
     loaded = []
     with torch.no_grad():
-        for canonical, kind, hf_names, param in base_params(model):
-            if tied and hf_names == ("lm_head.weight",):
-                hf_names = ("model.embed_tokens.weight",)
-            full = join(kind, [reader.get(n, canonical) for n in hf_names], m, padded)
-            local = shard(full, param_spec(param), rank, tp)
+        for canonical, kind, names, param in base_params(model, entry):
+            whole = full(canonical, kind, names)
+            local = shard(whole, param_spec(param), rank, tp)
             if local.shape != param.shape:
-                raise ValueError(f"{canonical}: the checkpoint gives {tuple(full.shape)} (this "
-                                 f"rank's slice {tuple(local.shape)}) but the parameter is "
-                                 f"{tuple(param.shape)}")
+                raise ValueError(f"{canonical} <- {', '.join(names)}: the checkpoint gives "
+                                 f"{list(whole.shape)} (this rank's slice {list(local.shape)}) "
+                                 f"but the parameter is {list(param.shape)}")
             param.copy_(local.to(device=param.device, dtype=param.dtype))
             loaded.append(canonical)
     return loaded

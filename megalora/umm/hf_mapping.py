@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -143,18 +143,23 @@ def check_llama_config(cfg: dict, m) -> None:
 
 
 # ---------------------------------------------------------------------- exports
-def peft_tensors(got: dict, head: int, m):
-    """PEFT tensors, per-module (rank, alpha) and skipped modules from the gathered adapter."""
+def b_head(got: dict, name: str, head: int) -> torch.Tensor:
+    """The gathered B factor of module ``name`` for ``head`` (the only one of a 1-head one)."""
+    return got["lora"][f"{name}.lora_B"][head if got["modules"][name]["num_heads"] > 1 else 0]
+
+
+def peft_tensors(got: dict, head: int, m, entry: Callable = hf_entry, split_fn: Callable = split):
+    """PEFT tensors, per-module (rank, alpha) and skipped modules from the gathered adapter;
+    ``entry`` names the checkpoint's tensors (default LLaMA's), ``split_fn`` cuts B into them."""
     tensors, settings, skipped = {}, {}, []
     for name, info in sorted(got["modules"].items()):
-        entry = hf_entry(f"{name}.weight")
-        if entry is None:
+        found = entry(f"{name}.weight")
+        if found is None:
             skipped.append(name)
             continue
-        kind, hf_names = entry
+        kind, hf_names = found
         a = got["lora"][f"{name}.lora_A"]
-        b = got["lora"][f"{name}.lora_B"][head if info["num_heads"] > 1 else 0]
-        for hf_name, b_part in zip(hf_names, split(kind, b, m)):
+        for hf_name, b_part in zip(hf_names, split_fn(kind, b_head(got, name, head), m)):
             module = hf_name[:-len(".weight")]
             tensors[f"base_model.model.{module}.lora_A.weight"] = a
             tensors[f"base_model.model.{module}.lora_B.weight"] = b_part
@@ -217,7 +222,7 @@ def merged_tensors(got: dict, head: int, m) -> Dict[str, torch.Tensor]:
         info = got["modules"].get(module) if leaf == "weight" else None
         if info is not None and info["merged_head"] is None:  # merged ones already hold it
             a = got["lora"][f"{module}.lora_A"].float()
-            b = got["lora"][f"{module}.lora_B"][head if info["num_heads"] > 1 else 0].float()
+            b = b_head(got, module, head).float()
             weight = (weight.float() + info["scale"] * (b @ a)).to(weight.dtype)
         for name, tensor in zip(hf_names, split(kind, weight, m)):
             out[name] = tensor

@@ -106,7 +106,8 @@ def _worker(rank, world, ckpt, case, tokens, features, pixels, out):
     exclude = ("vision.*.linear_qkv",) if c["eva"] and not c["vision_qkv"] else ()
     megalora.apply_lora(model, megalora.LoRAConfig(rank=4, alpha=8.0, init_b="gaussian",
                                                    rank_pattern={"linear_fc2": 2},
-                                                   exclude_modules=exclude))
+                                                   exclude_modules=exclude,
+                                                   target_modules=c.get("targets", TARGETS)))
     adapted = _outputs(model, tokens, features, pixels)
     export_emu2_merged(model, os.path.join(out, "merged"), layout="native")
     refused = None
@@ -132,10 +133,12 @@ def _hf_twin(native: TinyEmu2, layers: int) -> TinyEmu2:
     return twin.eval()
 
 
+TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 CASES = {
-    # precomputed features; their regression is Emu2's generate_image loop
+    # precomputed features; their regression is Emu2's generate_image loop; the output layer
+    # adapted too (lm_head: all 74 rows, no TP padding)
     "native-bin-tp2": dict(layers=2, parallel={"tensor_parallel": 2}, eva=False,
-                           vision_qkv=False),
+                           vision_qkv=False, targets=TARGETS + ("output_layer",)),
     # EVA in the loop, with vision LoRA; the encoder's qkv adapted: merged only (PEFT refused)
     "native-bin-tp2-eva": dict(layers=2, parallel={"tensor_parallel": 2}, eva=True,
                                vision_qkv=True),
