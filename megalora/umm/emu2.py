@@ -34,8 +34,8 @@ import torch
 from megalora.umm.ckpt_files import INDEX_FILES, CheckpointFiles
 from megalora.umm.hf import (agree, check_exportable, collect, load_stage, on_rank0, write_json,
                              write_safetensors)
-from megalora.umm.hf_mapping import (b_head, hf_entry, join, peft_adapter_config, peft_tensors,
-                                     split)
+from megalora.umm.hf_mapping import (hf_entry, join, merge_into_base, peft_adapter_config,
+                                     peft_tensors, split)
 
 logger = logging.getLogger("megalora")
 
@@ -318,16 +318,8 @@ def _layout(name: str) -> Layout:
 
 
 def merged_tensors(got: dict, head: int, m, layout: Layout) -> Dict[str, torch.Tensor]:
-    """Emu2's decoder and connector tensors with each adapter folded in (fp32 maths)."""
-    out = {}
-    for canonical, (kind, names, weight) in got["base"].items():
-        module, leaf = canonical.rsplit(".", 1)
-        info = got["modules"].get(module) if leaf == "weight" else None
-        if info is not None and info["merged_head"] is None:  # merged ones already hold it
-            a = got["lora"][f"{module}.lora_A"].float()
-            b = b_head(got, module, head).float()
-            weight = (weight.float() + info["scale"] * (b @ a)).to(weight.dtype)
-        out.update(zip(names, _split(kind, weight, m)))
+    """Emu2's tensors (decoder, connectors, an in-loop encoder) with each adapter folded in."""
+    out = merge_into_base(got, head, m, _split)
     expected = 3 + 9 * m.num_layers + len(CONNECTORS)
     if sum(1 for k in out if not k.startswith(layout.root + "visual.")) != expected:
         raise ValueError(f"export: gathered {len(out)} of Emu2's decoder and connector tensors, "

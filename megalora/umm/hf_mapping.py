@@ -214,18 +214,25 @@ def llama_config(m, dtype: torch.dtype, base: Optional[dict] = None) -> dict:
     return cfg
 
 
-def merged_tensors(got: dict, head: int, m) -> Dict[str, torch.Tensor]:
-    """HF tensors of the base with each LLaMA-mapped adapter folded in (fp32 maths)."""
+def merge_into_base(got: dict, head: int, m, split_fn: Callable = split
+                    ) -> Dict[str, torch.Tensor]:
+    """Checkpoint tensors (named by the gathered base's entries, cut by ``split_fn``) of the
+    base with each adapter (B head ``head``) folded in, in fp32 maths."""
     out = {}
-    for canonical, (kind, hf_names, weight) in got["base"].items():
+    for canonical, (kind, names, weight) in got["base"].items():
         module, leaf = canonical.rsplit(".", 1)
         info = got["modules"].get(module) if leaf == "weight" else None
         if info is not None and info["merged_head"] is None:  # merged ones already hold it
             a = got["lora"][f"{module}.lora_A"].float()
             b = b_head(got, module, head).float()
             weight = (weight.float() + info["scale"] * (b @ a)).to(weight.dtype)
-        for name, tensor in zip(hf_names, split(kind, weight, m)):
-            out[name] = tensor
+        out.update(zip(names, split_fn(kind, weight, m)))
+    return out
+
+
+def merged_tensors(got: dict, head: int, m) -> Dict[str, torch.Tensor]:
+    """HF tensors of the base with each LLaMA-mapped adapter folded in (fp32 maths)."""
+    out = merge_into_base(got, head, m)
     expected = 3 + 9 * m.num_layers
     if len(out) != expected:
         raise ValueError(f"export_merged: gathered {len(out)} LLaMA tensors, expected "
