@@ -47,10 +47,10 @@ JOB=${SLURM_JOB_ID:-0}
 echo "megalora: job $JOB on ${SLURM_JOB_NODELIST:-(no allocation)}," \
      "restart ${SLURM_RESTART_COUNT:-0}, $(date -Is)"
 
+HEAD=$( (scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null || true) | head -n 1)
+HEAD=${HEAD:-$(hostname)}
 case "$MODE" in
     torchrun)
-        HEAD=$( (scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null || true) | head -n 1)
-        HEAD=${HEAD:-$(hostname)}
         PORT=${RDZV_PORT:-$(( 20000 + JOB % 20000 ))}
         PPN=$GPUS_PER_NODE
         CMD=(srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1
@@ -73,6 +73,20 @@ megalora_layout "sbatch/$MODE" "$NODES" "$PPN" || exit 2
 if [ "$DRY_RUN" = 1 ]; then
     echo "megalora: dry run, nothing submitted or started"
     exit 0
+fi
+
+# Every node must resolve the first one (torchrun's rendezvous, srun mode's master address):
+# checked once here, so an unresolvable name stops the job with one line instead of every
+# rank retrying a connection until its timeout.
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+    UNRESOLVED=$(timeout 120 srun --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 \
+        --kill-on-bad-exit=0 sh -c 'getent hosts "$1" >/dev/null || hostname' sh "$HEAD")
+    if [ -n "$UNRESOLVED" ]; then
+        echo "sbatch.sh: the first node $HEAD does not resolve on:" $UNRESOLVED "(getent hosts" \
+             "$HEAD failed there); the rendezvous needs it: fix name resolution (DNS or" \
+             "/etc/hosts) on those nodes, or exclude them (sbatch --exclude)" >&2
+        exit 2
+    fi
 fi
 
 PREEMPTED=0

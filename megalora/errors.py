@@ -74,6 +74,22 @@ def verbose_requested(argv: Optional[list] = None) -> bool:
     return "--verbose" in argv or os.environ.get("MEGALORA_VERBOSE", "0") not in ("", "0")
 
 
+_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+         "Connection refused")
+
+
+def lost_peer(exc: BaseException) -> Optional[str]:
+    """One line for a collective that failed because another rank's process (or its host) is
+    gone: gloo and the c10d store raise RuntimeError/DistBackendError with these socket
+    errors. None for anything else."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(s in text for s in _LOST):
+        return None
+    first = next((line for line in text.splitlines() if line.strip()), text)
+    return ("lost the connection to another rank: its process or its host died (see that "
+            f"rank's log, or the scheduler's for a failed node); {first.strip()[:200]}")
+
+
 def report(exc: BaseException, rank: int, verbose: bool, same_on_all_ranks: bool = False) -> int:
     """Print ``exc`` the way the command line should; returns the exit code (2 for a user
     error, 1 for a bug)."""
@@ -81,9 +97,15 @@ def report(exc: BaseException, rank: int, verbose: bool, same_on_all_ranks: bool
     once = same_on_all_ranks or getattr(exc, "same_on_all_ranks", False)
     if once and rank != 0 and not verbose:
         return 2 if user else 1
+    prefix = "megalora: error: " if once or rank == 0 else f"megalora: error on rank {rank}: "
+    lost = lost_peer(exc)
+    if lost:  # not a bug of this rank: one line (the traceback only with --verbose)
+        if verbose:
+            traceback.print_exception(exc, file=sys.stderr)
+        print(prefix + lost, file=sys.stderr, flush=True)
+        return 1
     if verbose or not user:
         traceback.print_exception(exc, file=sys.stderr)
-    prefix = "megalora: error: " if once or rank == 0 else f"megalora: error on rank {rank}: "
     if user:
         print(prefix + str(exc), file=sys.stderr, flush=True)
         return 2

@@ -93,17 +93,23 @@ class LocalSlurm:
         for sub in ("state", "spool"):
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
         with open(self.conf, "w") as fh:
-            fh.write(CONF.format(host=self.host, cpus=self.cpus, memory=self.memory,
-                                 dir=self.dir, ctld_port=free_port(), slurmd_port=free_port()))
+            fh.write(self.conf_text())
         for name in ("slurmctld.pid", "slurmd.pid"):  # stale ones would be read as ours
             if os.path.exists(os.path.join(self.dir, name)):
                 os.remove(os.path.join(self.dir, name))
         self._start_munge()
         self._run(["slurmctld"])
-        self.pids["slurmctld"] = _read_pid(os.path.join(self.dir, "slurmctld.pid"), timeout)
-        self._run(["slurmd"])
-        self.pids["slurmd"] = _read_pid(os.path.join(self.dir, "slurmd.pid"), timeout)
+        self.pids["slurmctld"] = read_pid(os.path.join(self.dir, "slurmctld.pid"), timeout)
+        self.start_slurmd(timeout)
         self.wait_idle(timeout)
+
+    def conf_text(self) -> str:
+        return CONF.format(host=self.host, cpus=self.cpus, memory=self.memory, dir=self.dir,
+                           ctld_port=free_port(), slurmd_port=free_port())
+
+    def start_slurmd(self, timeout: float) -> None:
+        self._run(["slurmd"])
+        self.pids["slurmd"] = read_pid(os.path.join(self.dir, "slurmd.pid"), timeout)
 
     def _start_munge(self) -> None:
         if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
@@ -120,37 +126,29 @@ class LocalSlurm:
         if os.path.exists(pid_file):
             os.remove(pid_file)
         subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True, timeout=60)
-        self.pids["munged"] = _read_pid(pid_file, 30)
+        self.pids["munged"] = read_pid(pid_file, 30)
         out = subprocess.run("munge -n | unmunge", shell=True, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"munge does not work: {out.stdout}{out.stderr}")
 
     def wait_idle(self, timeout: float) -> None:
+        """Until every node is idle."""
         deadline = time.time() + timeout
-        state = ""
+        states = []
         while time.time() < deadline:
-            state = self._run(["sinfo", "-h", "-N", "-o", "%t"], check=False).stdout.strip()
-            if state == "idle":
+            states = self._run(["sinfo", "-h", "-N", "-o", "%t"], check=False).stdout.split()
+            if states and all(state == "idle" for state in states):
                 return
             time.sleep(1)
-        raise TimeoutError(f"SLURM node not idle after {timeout:.0f} s (state {state!r}); "
-                           f"see {self.dir}/slurmd.log and slurmctld.log")
+        raise TimeoutError(f"SLURM nodes not idle after {timeout:.0f} s (states {states}); "
+                           f"see the slurmd and slurmctld logs under {self.dir}")
 
     def stop(self) -> None:
-        """Stop what this object started, by process id (slurmd, slurmctld, then munged)."""
-        for name in ("slurmd", "slurmctld", "munged"):
-            pid = self.pids.pop(name, None)
-            if pid is None:
-                continue
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            deadline = time.time() + 30
-            while time.time() < deadline and _alive(pid):
-                time.sleep(0.2)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        """Stop what this object started, by process id (the slurmds, slurmctld, then
+        munged)."""
+        order = sorted(self.pids, key=lambda n: (not n.startswith("slurmd"), n == "munged"))
+        for name in order:
+            stop_pid(self.pids.pop(name))
 
     # -- jobs --------------------------------------------------------------------------------
     def _run(self, cmd: List[str], check: bool = True, env: Optional[dict] = None,
@@ -195,7 +193,20 @@ class LocalSlurm:
         raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout:.0f} s")
 
 
-def _read_pid(path: str, timeout: float) -> int:
+def stop_pid(pid: int, grace: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + grace
+    while time.time() < deadline and alive(pid):
+        time.sleep(0.2)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def read_pid(path: str, timeout: float) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -209,7 +220,7 @@ def _read_pid(path: str, timeout: float) -> int:
     raise TimeoutError(f"{path} did not appear within {timeout:.0f} s")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

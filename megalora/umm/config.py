@@ -148,11 +148,11 @@ class VisionConfig:
                              f"{self.kind!r}")
         if not self.enabled:
             return
+        _positive("vision", self, "num_layers", "hidden_size", "num_attention_heads",
+                  "ffn_hidden_size", "image_size", "patch_size")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"vision.hidden_size={self.hidden_size} is not divisible by "
                              f"vision.num_attention_heads={self.num_attention_heads}")
-        _positive("vision", self, "num_layers", "hidden_size", "num_attention_heads",
-                  "ffn_hidden_size", "image_size", "patch_size")
         if self.hidden_size != model.visual_dim:
             raise ValueError(f"vision.hidden_size={self.hidden_size} must equal "
                              f"model.visual_dim={model.visual_dim}")

@@ -360,9 +360,9 @@ def export_emu2_merged(model, out_dir: str, head: int = 0, layout: str = "native
         if not any(k.startswith(lay.root + "visual.") for k in tensors):  # encoder not in loop
             tensors.update(_visual_from(m.emu2_checkpoint, lay))
         write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
-        source = m.emu2_checkpoint
-        if lay.name == "hf" and source and os.path.isdir(source):
-            _copy_support_files(source, out_dir)
+        if lay.name == "hf" and m.emu2_checkpoint and os.path.isdir(m.emu2_checkpoint):
+            # from the folder the weights came from (Emu2-Gen's: multimodal_encoder/)
+            _copy_support_files(open_emu2(m.emu2_checkpoint)[0].path, out_dir)
 
     on_rank0(write)
 
@@ -373,7 +373,7 @@ def _copy_support_files(source: str, out_dir: str) -> None:
 
     for name in sorted(os.listdir(source)):
         full = os.path.join(source, name)
-        if os.path.isfile(full) and name not in INDEX_FILES and \
+        if os.path.isfile(full) and ".index." not in name and \
                 name.endswith((".json", ".py", ".model", ".txt")):
             with open(full, "rb") as fh:
                 atomic_write_bytes(os.path.join(out_dir, name), fh.read())

@@ -215,19 +215,23 @@ def collect(model, with_base: bool, entry: Callable = hf_entry) -> Optional[dict
 
 def on_rank0(fn: Callable[[], None]) -> None:
     """Run ``fn`` on global rank 0 and re-raise its error on every rank."""
+    from megalora.errors import AgreedError, is_user_error
+
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             fn()
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = (is_user_error(exc), f"{type(exc).__name__}: {exc}")
             if not dist.is_initialized() or dist.get_world_size() == 1:
                 raise
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)
         if box[0]:
-            raise RuntimeError(f"export failed on rank 0: {box[0]}")
+            user, text = box[0]
+            # a user error (a bad path, nothing to export) is printed once, not as a bug
+            raise (AgreedError if user else RuntimeError)(f"export failed on rank 0: {text}")
 
 
 def write_safetensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:

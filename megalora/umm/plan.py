@@ -404,15 +404,18 @@ def step_time(run: RunConfig, layout: ParallelLayout, hw: Hardware, cuda: bool =
 
 def encoder_flops(run: RunConfig, whole: StageCounts) -> float:
     """Matmul FLOPs of the in-loop encoder per microbatch (``encoder_images`` images, each
-    2 x params x tokens + attention 4 s_v^2 d per layer forward; x3 when it is adapted, as the
-    backward then runs through it too). It runs on stage 0's TP group only: the PP split of
-    the step time counts it as if spread over the stages (optimistic for PP > 1)."""
+    2 x params x tokens + attention 4 s_v^2 d per layer forward). Adapted, the backward runs
+    through it too: the frozen matmuls' input gradients once more (x2), attention twice more
+    (x3), as for the decoder. It runs on stage 0's TP group only: the PP split of the step
+    time counts it as if spread over the stages (optimistic for PP > 1)."""
     v = run.vision
     if not v.enabled:
         return 0.0
     sv = (v.image_size // v.patch_size) ** 2 + 1
-    forward = 2 * whole.vision_frozen * sv + 4 * sv * sv * v.hidden_size * v.num_layers
-    return encoder_images(run) * forward * (3 if whole.vision_rank_sum else 1)
+    adapted = bool(whole.vision_rank_sum)
+    dense = 2 * whole.vision_frozen * sv * (2 if adapted else 1)
+    attn = 4 * sv * sv * v.hidden_size * v.num_layers * (3 if adapted else 1)
+    return encoder_images(run) * (dense + attn)
 
 
 @dataclass

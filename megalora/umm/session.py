@@ -142,15 +142,20 @@ def build_model(run: RunConfig, device: torch.device, lora=None):
         from megalora.umm.emu2 import resolve_vocab
         run = resolve_vocab(run)  # model.extra_vocab: null -> the checkpoint's extra rows
     model = build_umm(run, dtype=dtype, cpu=not cuda)
-    if run.model.hf_checkpoint:  # the pretrained base, before the adapters are added
-        from megalora.umm.hf import import_llama
-        import_llama(model, run.model.hf_checkpoint)
-    if run.model.emu2_checkpoint:
-        from megalora.umm.emu2 import import_emu2
-        import_emu2(model, run.model.emu2_checkpoint)
-    if run.model.base_checkpoint:  # a base from `megalora pretrain`
-        from megalora.umm.base_checkpoint import load_base
-        load_base(model, run, run.model.base_checkpoint)
+    from megalora.errors import agree
+
+    # each stage reads its own tensors, so a missing or mis-shaped one fails some ranks only:
+    # agreed, so every rank stops with the message instead of waiting in apply_lora
+    with agree("model checkpoint"):
+        if run.model.hf_checkpoint:  # the pretrained base, before the adapters are added
+            from megalora.umm.hf import import_llama
+            import_llama(model, run.model.hf_checkpoint)
+        if run.model.emu2_checkpoint:
+            from megalora.umm.emu2 import import_emu2
+            import_emu2(model, run.model.emu2_checkpoint)
+        if run.model.base_checkpoint:  # a base from `megalora pretrain`
+            from megalora.umm.base_checkpoint import load_base
+            load_base(model, run, run.model.base_checkpoint)
     if cuda:
         model.cuda()
     report = megalora.apply_lora(model, run.lora if lora is None else lora)

@@ -404,3 +404,30 @@ def test_export_commands_write_emu2_names(megatron_world1, emu2_bin, tmp_path):
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), name
     _hf_twin(ref, 2).load_state_dict(load_file(str(tmp_path / "cli_merged" /
                                                    "model.safetensors")), strict=True)
+
+
+def test_checkpoint_files_variants_duplicates_and_pickles(tmp_path):
+    """A variant index (from_pretrained(variant="bf16")) is read; two lone files holding the
+    same tensor, and a pickle with non-tensor objects, are refused by name."""
+    import argparse
+    import json
+
+    from safetensors.torch import save_file
+
+    from megalora.umm.ckpt_files import CheckpointFiles
+
+    folder = tmp_path / "variant"
+    folder.mkdir()
+    save_file({"a": torch.ones(2)}, str(folder / "model-1.bf16.safetensors"))
+    (folder / "model.safetensors.index.bf16.json").write_text(
+        json.dumps({"weight_map": {"a": "model-1.bf16.safetensors"}}))
+    assert torch.equal(CheckpointFiles(str(folder)).get("a"), torch.ones(2))
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    for name in ("fp32.safetensors", "bf16.safetensors"):
+        save_file({"a": torch.ones(2)}, str(twice / name))
+    with pytest.raises(ValueError, match="'a' is in both bf16.safetensors and fp32"):
+        CheckpointFiles(str(twice))
+    torch.save({"args": argparse.Namespace(lr=1), "w": torch.ones(2)}, tmp_path / "x.bin")
+    with pytest.raises(ValueError, match="is not a torch zip checkpoint of tensors"):
+        CheckpointFiles(str(tmp_path / "x.bin"))
