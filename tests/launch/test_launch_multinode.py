@@ -104,6 +104,10 @@ def uninterrupted(cluster, single, tmp_path_factory):
 
 
 def test_torchrun_and_srun_modes_across_two_hosts(cluster, single, uninterrupted, tmp_path):
+    for ns in cluster.netns.values():  # the hosts reach their subnet only: no default route
+        routes = subprocess.run(["ip", "-n", ns, "route"], capture_output=True,
+                                text=True).stdout.splitlines()
+        assert routes and all(r.startswith(f"10.213.{cluster.net}.0/24") for r in routes), routes
     _check_run(uninterrupted, "torchrun", single, "torchrun")
     job, log = _submit(cluster, tmp_path, "srun", "srun", "--ntasks-per-node=2")
     cluster.wait(job, timeout=600)
