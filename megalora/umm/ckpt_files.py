@@ -51,6 +51,7 @@ def _open_file(path: str) -> Tuple[List[str], Callable[[str], torch.Tensor],
         state = state["module"]
     if not isinstance(state, dict):
         raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict")
+    state = {k: v for k, v in state.items() if torch.is_tensor(v)}  # not weights: args, step
     return list(state), state.__getitem__, lambda k: tuple(state[k].shape)
 
 

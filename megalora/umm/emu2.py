@@ -32,8 +32,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from megalora.umm.ckpt_files import INDEX_FILES, CheckpointFiles
-from megalora.umm.hf import (agree, check_exportable, collect, load_stage, on_rank0, write_json,
-                             write_safetensors)
+from megalora.umm.hf import (agree, check_exportable, collect, load_stage, on_rank0, stage_payload,
+                             tp_info, write_json, write_safetensors)
 from megalora.umm.hf_mapping import (hf_entry, join, merge_into_base, peft_adapter_config,
                                      peft_tensors, split)
 
@@ -317,16 +317,6 @@ def _layout(name: str) -> Layout:
     return LAYOUTS[name]
 
 
-def merged_tensors(got: dict, head: int, m, layout: Layout) -> Dict[str, torch.Tensor]:
-    """Emu2's tensors (decoder, connectors, an in-loop encoder) with each adapter folded in."""
-    out = merge_into_base(got, head, m, _split)
-    expected = 3 + 9 * m.num_layers + len(CONNECTORS)
-    if sum(1 for k in out if not k.startswith(layout.root + "visual.")) != expected:
-        raise ValueError(f"export: gathered {len(out)} of Emu2's decoder and connector tensors, "
-                         f"expected {expected} (a pipeline stage missing?)")
-    return out
-
-
 def _visual_from(source: Optional[str], layout: Layout) -> Dict[str, torch.Tensor]:
     """The encoder's tensors of the source checkpoint under ``layout``'s names."""
     if not source:
@@ -340,31 +330,72 @@ def _visual_from(source: Optional[str], layout: Layout) -> Dict[str, torch.Tenso
 
 
 def export_emu2_merged(model, out_dir: str, head: int = 0, layout: str = "native") -> None:
-    """Write ``model.safetensors``: Emu2's checkpoint (``layout`` names) with the LoRA delta
-    (B head ``head``) merged into the decoder; the encoder copied from the source checkpoint;
-    no ``rotary_emb.inv_freq``. ``hf`` also copies the source folder's config, tokenizer and
-    code files. Collective over all ranks; global rank 0 writes (and holds the whole model in
-    memory: 74 GB in bf16 for Emu2)."""
+    """Emu2's checkpoint (``layout`` names) with the LoRA delta (B head ``head``) folded in;
+    the encoder from the model when it is in the loop, else copied from the source checkpoint;
+    no ``rotary_emb.inv_freq``. Each pipeline stage's leader writes its own stage: one
+    ``model.safetensors`` at PP = 1, else ``model-0000k-of-0000n.safetensors`` shards and
+    ``model.safetensors.index.json`` (``hf`` layout only: Emu2's native loader reads one
+    file). ``hf`` also copies the source folder's config, tokenizer and code files. Collective
+    over all ranks; no rank holds more than one stage."""
+    from megatron.core import parallel_state as ps
+
+    from megalora.adapter_file import stage_leader
+    from megalora.errors import agree as agree_block
+
     lay = _layout(layout)
+    stages = ps.get_pipeline_model_parallel_world_size() if ps.is_initialized() else 1
+    stage = ps.get_pipeline_model_parallel_rank() if ps.is_initialized() else 0
+    agree(None if lay.name == "hf" or stages == 1 else
+          f"a native Emu2 checkpoint is one file, written by one pipeline stage: export it with "
+          f"parallel.pipeline_parallel=1 (TP may stay {tp_info()[0]}), or use --layout hf (one "
+          "shard per stage and an index)")
     entry = emu2_entry(lay)
     check_exportable(model, head, entry)
-    got = collect(model, with_base=True, entry=entry)
+    got = stage_payload(model, with_base=True, entry=entry)  # collective over TP
+    name = "model.safetensors" if stages == 1 else \
+        f"model-{stage + 1:05d}-of-{stages:05d}.safetensors"
+    mine: Dict[str, str] = {}
+    with agree_block("export-merged"):
+        if stage_leader():
+            skipped = sorted(n for n in got["modules"] if entry(f"{n}.weight") is None)
+            if skipped:
+                logger.warning("megalora: the merged Emu2 export left out %d adapted "
+                               "module(s): %s", len(skipped), ", ".join(skipped))
+            tensors = merge_into_base(got, head, model.run.model, _split)
+            if stage == 0 and not any(k.startswith(lay.root + "visual.") for k in tensors):
+                tensors.update(_visual_from(model.run.model.emu2_checkpoint, lay))
+            write_safetensors(os.path.join(out_dir, name), tensors)
+            mine = {k: name for k in tensors}
+    weight_map = {k: v for part in all_gather(mine) for k, v in part.items()}
+    on_rank0(lambda: _finish_merged(model, out_dir, lay, weight_map, stages))
 
-    def write():
-        m = model.run.model
-        skipped = sorted(n for n in got["modules"] if entry(f"{n}.weight") is None)
-        if skipped:
-            logger.warning("megalora: the merged Emu2 export left out %d adapted module(s): %s",
-                           len(skipped), ", ".join(skipped))
-        tensors = merged_tensors(got, head, m, lay)
-        if not any(k.startswith(lay.root + "visual.") for k in tensors):  # encoder not in loop
-            tensors.update(_visual_from(m.emu2_checkpoint, lay))
-        write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
-        if lay.name == "hf" and m.emu2_checkpoint and os.path.isdir(m.emu2_checkpoint):
-            # from the folder the weights came from (Emu2-Gen's: multimodal_encoder/)
-            _copy_support_files(open_emu2(m.emu2_checkpoint)[0].path, out_dir)
 
-    on_rank0(write)
+def all_gather(obj) -> list:
+    """``obj`` of every rank (small objects; the world's group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _finish_merged(model, out_dir: str, lay: Layout, weight_map: Dict[str, str],
+                   stages: int) -> None:
+    """Rank 0: every stage written (tensor count), the index, the support files."""
+    m = model.run.model
+    expected = 3 + 9 * m.num_layers + len(CONNECTORS)
+    got = sum(1 for k in weight_map if not k.startswith(lay.root + "visual."))
+    if got != expected:
+        raise ValueError(f"export: the stages wrote {got} of Emu2's decoder and connector "
+                         f"tensors, expected {expected}")
+    if stages > 1:
+        write_json(os.path.join(out_dir, "model.safetensors.index.json"),
+                   {"metadata": {"format": "pt"}, "weight_map": dict(sorted(weight_map.items()))})
+    if lay.name == "hf" and m.emu2_checkpoint and os.path.isdir(m.emu2_checkpoint):
+        # from the folder the weights came from (Emu2-Gen's: multimodal_encoder/)
+        _copy_support_files(open_emu2(m.emu2_checkpoint)[0].path, out_dir)
 
 
 def _copy_support_files(source: str, out_dir: str) -> None:

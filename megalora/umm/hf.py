@@ -182,13 +182,12 @@ def check_exportable(model, head: int, entry: Callable = hf_entry) -> None:
     agree(error)
 
 
-def collect(model, with_base: bool, entry: Callable = hf_entry) -> Optional[dict]:
-    """On global rank 0: the full adapter tensors, per-module settings and (``with_base``) full
-    base tensors (those ``entry`` maps) of all stages; None elsewhere. Collective over the whole
-    world."""
+def stage_payload(model, with_base: bool, entry: Callable = hf_entry) -> dict:
+    """This stage's full adapter tensors, per-module settings and (``with_base``) full base
+    tensors of the parameters ``entry`` maps. Collective over the TP group."""
     from megatron.core import parallel_state as ps
 
-    from megalora.adapter_file import adapter_state, module_manifest, stage_leader
+    from megalora.adapter_file import adapter_state, module_manifest
     from megalora.inject import lora_modules
 
     lora = adapter_state(model)
@@ -198,7 +197,17 @@ def collect(model, with_base: bool, entry: Callable = hf_entry) -> Optional[dict
     modules = module_manifest(model)
     for layer in lora_modules(model):
         modules[layer.lora_name]["merged_head"] = layer.lora_merged_head
-    payload = {"lora": lora, "modules": modules, "base": base} if stage_leader() else {}
+    return {"lora": lora, "modules": modules, "base": base}
+
+
+def collect(model, with_base: bool, entry: Callable = hf_entry) -> Optional[dict]:
+    """On global rank 0: the full adapter tensors, per-module settings and (``with_base``) full
+    base tensors (those ``entry`` maps) of all stages; None elsewhere. Collective over the whole
+    world."""
+    from megalora.adapter_file import stage_leader
+
+    payload = stage_payload(model, with_base, entry)  # every TP rank takes part
+    payload = payload if stage_leader() else {}
     if not dist.is_initialized() or dist.get_world_size() == 1:
         parts = [payload]
     else:
@@ -235,11 +244,20 @@ def on_rank0(fn: Callable[[], None]) -> None:
 
 
 def write_safetensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save
+    """Atomically (a temporary file in the same folder, then a rename), written from the
+    tensors without building the whole file in memory first."""
+    from safetensors.torch import save_file
 
     # clones: A is shared by q/k/v (gate/up) and safetensors refuses aliased storage
     data = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(data, metadata={"format": "pt"}))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file(data, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_json(path: str, obj: dict) -> None:

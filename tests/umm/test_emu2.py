@@ -109,14 +109,43 @@ def _worker(rank, world, ckpt, case, tokens, features, pixels, out):
                                                    exclude_modules=exclude,
                                                    target_modules=c.get("targets", TARGETS)))
     adapted = _outputs(model, tokens, features, pixels)
-    export_emu2_merged(model, os.path.join(out, "merged"), layout="native")
+    native_refused = None
+    if run.parallel.pipeline_parallel > 1:  # one shard per stage: the HF layout and its index
+        try:
+            export_emu2_merged(model, os.path.join(out, "native"), layout="native")
+        except RuntimeError as exc:  # AgreedError: the same on every rank
+            native_refused = str(exc)
+    export_emu2_merged(model, os.path.join(out, "merged"), layout=_merged_layout(c))
     refused = None
     try:
         export_emu2_peft(model, os.path.join(out, "peft"), layout="hf")
     except ValueError as exc:
         refused = str(exc)
     return {"base": base, "adapted": adapted, "refused": refused, "read": read,
+            "native_refused": native_refused,
             "stage": ps.get_pipeline_model_parallel_rank()}
+
+
+def _merged_layout(c):
+    return "hf" if c["parallel"].get("pipeline_parallel", 1) > 1 else "native"
+
+
+def _merged_state(folder):
+    """A merged export's tensors: one file, or the shards its index names."""
+    import json
+
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return load_file(str(folder / "model.safetensors"))
+    weight_map = json.loads(index.read_text())["weight_map"]
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        part = load_file(str(folder / shard))
+        assert sorted(part) == sorted(k for k, v in weight_map.items() if v == shard)
+        state.update(part)
+    return state
 
 
 def _close(got, ref, what):
@@ -201,7 +230,6 @@ def _check_reads(results, c):
 @pytest.mark.parametrize("case", list(CASES))
 def test_emu2_import_and_exports_match_reference(tmp_path, case):
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     c = CASES[case]
     ref = TinyEmu2(c["layers"]).eval()
@@ -227,8 +255,8 @@ def test_emu2_import_and_exports_match_reference(tmp_path, case):
     adapted = {k: _first([r["adapted"] for r in results], k) for k in base}
     assert (adapted["logits"] - base["logits"]).abs().max() > 0.05 * expected[1].abs().max()
 
-    merged = TinyEmu2(c["layers"], seed=2).eval()
-    state = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    merged = TinyEmu2(c["layers"], _merged_layout(c), seed=2).eval()
+    state = _merged_state(tmp_path / "merged")
     assert not any("inv_freq" in k for k in state)
     merged.load_state_dict(state, strict=True)  # Emu2's loader is strict: the exact key set
     with torch.no_grad():
@@ -236,6 +264,9 @@ def test_emu2_import_and_exports_match_reference(tmp_path, case):
     if not c["eva"]:  # the encoder is copied from the source checkpoint
         assert all(torch.equal(state[k], v) for k, v in ref.state_dict().items()
                    if k.startswith("visual."))
+    if _merged_layout(c) == "hf":  # one shard per stage
+        assert len(list((tmp_path / "merged").glob("model-0000?-of-00002.safetensors"))) == 2
+        assert all("native Emu2 checkpoint is one file" in r["native_refused"] for r in results)
     if c["vision_qkv"]:
         assert all("attn.qkv.weight directly" in r["refused"] for r in results)
         return
@@ -409,7 +440,7 @@ def test_export_commands_write_emu2_names(megatron_world1, emu2_bin, tmp_path):
 def test_checkpoint_files_variants_duplicates_and_pickles(tmp_path):
     """A variant index (from_pretrained(variant="bf16")) is read; two lone files holding the
     same tensor, and a pickle with non-tensor objects, are refused by name."""
-    import argparse
+    import datetime
     import json
 
     from safetensors.torch import save_file
@@ -428,6 +459,6 @@ def test_checkpoint_files_variants_duplicates_and_pickles(tmp_path):
         save_file({"a": torch.ones(2)}, str(twice / name))
     with pytest.raises(ValueError, match="'a' is in both bf16.safetensors and fp32"):
         CheckpointFiles(str(twice))
-    torch.save({"args": argparse.Namespace(lr=1), "w": torch.ones(2)}, tmp_path / "x.bin")
+    torch.save({"args": datetime.timedelta(1), "w": torch.ones(2)}, tmp_path / "x.bin")
     with pytest.raises(ValueError, match="is not a torch zip checkpoint of tensors"):
         CheckpointFiles(str(tmp_path / "x.bin"))
