@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megalora.atomic import atomic_write_bytes
+from megalora.atomic import atomic_write, atomic_write_bytes
 from megalora.sharding import FactorSharding, shard, unshard
 from megalora.umm.ckpt_files import CheckpointFiles
 from megalora.umm.hf_mapping import (LORA_FACTORS, check_llama_config, hf_entry, join,
@@ -244,20 +244,13 @@ def on_rank0(fn: Callable[[], None]) -> None:
 
 
 def write_safetensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
-    """Atomically (a temporary file in the same folder, then a rename), written from the
+    """Atomically (``megalora.atomic``: a temporary file, fsynced, renamed), written from the
     tensors without building the whole file in memory first."""
     from safetensors.torch import save_file
 
     # clones: A is shared by q/k/v (gate/up) and safetensors refuses aliased storage
     data = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        save_file(data, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
 
 
 def write_json(path: str, obj: dict) -> None:
