@@ -90,7 +90,8 @@ def canonical_names(chunk: torch.nn.Module) -> Dict[str, str]:
     return out
 
 
-def _all_gather_objects(obj) -> list:
+def all_gather_objects(obj) -> list:
+    """``obj`` of every rank (small objects, the world's group; [obj] without one)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out = [None] * dist.get_world_size()
@@ -101,14 +102,14 @@ def _all_gather_objects(obj) -> list:
 def _check_patterns(config: LoRAConfig, local_paths: List[str], eligible_leaves: set) -> None:
     """Every pattern must match some module on some rank; say what exists when one does not."""
     unused = config.unused_patterns(local_paths)
-    gathered = _all_gather_objects(unused)
+    gathered = all_gather_objects(unused)
     for fld in ("target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
                 "single_head_modules"):
         never = set(gathered[0].get(fld, []))
         for other in gathered[1:]:
             never &= set(other.get(fld, []))
         if never:
-            leaves = sorted(set().union(*_all_gather_objects(sorted(eligible_leaves))))
+            leaves = sorted(set().union(*all_gather_objects(sorted(eligible_leaves))))
             raise ValueError(f"LoRAConfig.{fld}: {sorted(never)} match no adaptable module. "
                              f"Adaptable module names: {leaves}; patterns may also be globs over "
                              "canonical paths such as 'decoder.layers.0.*.linear_qkv'")
@@ -157,7 +158,7 @@ def apply_lora(model: ModelLike, config: LoRAConfig) -> LoRAReport:
     report.local_trainable_params = sum(p.numel() for c in model_chunks(model)
                                         for p in c.parameters() if p.requires_grad)
     merged = {}
-    for reports in _all_gather_objects(local_reports):
+    for reports in all_gather_objects(local_reports):
         for r in reports:
             merged.setdefault(r.name, r)
     report.modules = [merged[k] for k in sorted(merged, key=_natural_key)]
@@ -277,7 +278,7 @@ def _global_frozen_count(model: ModelLike) -> int:
         return local
     # One representative per pipeline stage: TP rank 0 of data-parallel rank 0.
     keep = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-    return sum(_all_gather_objects(local if keep else 0))
+    return sum(all_gather_objects(local if keep else 0))
 
 
 def _maybe_fix_recompute_input_grad(chunk: torch.nn.Module) -> None:

@@ -251,12 +251,6 @@ def import_emu2(model, path: str) -> List[str]:
 
 
 # ---------------------------------------------------------------------- exports
-def _lora_config(model):
-    from megalora.inject import lora_config_of
-
-    return lora_config_of(model)
-
-
 def _split(kind: str, full: torch.Tensor, m) -> List[torch.Tensor]:
     """Emu2's tensors of a full Megatron tensor (weights or LoRA B factors)."""
     return [full[:m.vocab_rows()]] if kind == "rows" else split(kind, full, m)
@@ -268,7 +262,9 @@ def export_emu2_peft(model, out_dir: str, head: int = 0, layout: str = "hf",
     names in ``layout`` (``hf``: ``model.decoder.lm...``, ``native``: ``decoder.lm...``).
     Collective over all ranks; global rank 0 writes and gets the config back."""
     lay = _layout(layout)
-    config = _lora_config(model)
+    from megalora.inject import lora_config_of
+
+    config = lora_config_of(model)
     agree(None if config is not None else "export: the model has no LoRA adapters")
     agree(_vision_qkv_error(model))
     check_exportable(model, head, emu2_entry(lay))
@@ -341,6 +337,7 @@ def export_emu2_merged(model, out_dir: str, head: int = 0, layout: str = "native
 
     from megalora.adapter_file import stage_leader
     from megalora.errors import agree as agree_block
+    from megalora.inject import all_gather_objects
 
     lay = _layout(layout)
     stages = ps.get_pipeline_model_parallel_world_size() if ps.is_initialized() else 1
@@ -366,19 +363,8 @@ def export_emu2_merged(model, out_dir: str, head: int = 0, layout: str = "native
                 tensors.update(_visual_from(model.run.model.emu2_checkpoint, lay))
             write_safetensors(os.path.join(out_dir, name), tensors)
             mine = {k: name for k in tensors}
-    weight_map = {k: v for part in all_gather(mine) for k, v in part.items()}
+    weight_map = {k: v for part in all_gather_objects(mine) for k, v in part.items()}
     on_rank0(lambda: _finish_merged(model, out_dir, lay, weight_map, stages))
-
-
-def all_gather(obj) -> list:
-    """``obj`` of every rank (small objects; the world's group)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _finish_merged(model, out_dir: str, lay: Layout, weight_map: Dict[str, str],
